@@ -1,0 +1,135 @@
+"""`mlx-dpo`: precompute a reference cache once, then train any number of runs from it.
+
+Each command is thin: options -> config dataclass (command line > --config YAML > defaults) -> call.
+"""
+
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+
+import click
+import yaml
+
+from . import __version__
+from .errors import UserError
+from .pipeline.config import PrecomputeConfig
+from .trainer.config import TrainConfig
+
+
+def _click_type(annotation):
+    if typing.get_origin(annotation) is types.UnionType:  # e.g. int | None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return {int: int, float: float, str: str, bool: bool}[annotation]
+
+
+def config_options(config_cls):
+    """One click option per dataclass field, help text from the field's metadata. Defaults are
+    left to the dataclass so we can tell which options the user actually gave."""
+
+    def decorate(command):
+        for f in reversed(dataclasses.fields(config_cls)):
+            kind = _click_type(f.type)
+            flag = "--" + f.name.replace("_", "-")
+            required = f.default is dataclasses.MISSING
+            default = "" if required else f" [default: {f.default}]"
+            help_text = f.metadata.get("help", "") + (" [required]" if required else default)
+            if kind is bool:
+                command = click.option(flag, f.name, is_flag=True, default=None, help=help_text)(command)
+            else:
+                command = click.option(flag, f.name, type=kind, default=None, help=help_text)(command)
+        return command
+
+    return decorate
+
+
+def build_config(config_cls, cli_values: dict, config_file: str | None):
+    """command line > YAML file > dataclass defaults (mlx-lm's precedence)."""
+    values = {}
+    if config_file:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise UserError(f"{config_file}: cannot read config ({error})")
+        if not isinstance(loaded, dict):
+            raise UserError(f"{config_file}: a config must be a mapping of option: value")
+        names = {f.name for f in dataclasses.fields(config_cls)}
+        for key, value in loaded.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise UserError(f"{config_file}: unknown option {key!r}")
+            values[name] = value
+    values.update({k: v for k, v in cli_values.items() if v is not None})
+    missing = [f.name for f in dataclasses.fields(config_cls)
+               if f.default is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise UserError("missing option " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    return config_cls(**values)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="mlx-dpo")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def cli(debug):
+    """DPO fine-tuning on MLX from a precomputed reference cache.
+
+    \b
+    1. mlx-dpo precompute --model M --data D --out CACHE   (runs the reference model once)
+    2. mlx-dpo train --cache CACHE --model M --output RUN  (any number of runs share CACHE)
+    """
+
+
+@cli.command()
+@config_options(PrecomputeConfig)
+@click.option("--config", "config_file", type=click.Path(), help="YAML file of options (command line wins).")
+def precompute(config_file, **options):
+    """Run the reference model once and write its log-probs to a Parquet cache.
+
+    Rows whose token ids cannot be trained on go to CACHE/rejects.jsonl with a reason. Re-running
+    with the same model, tokenizer, data and options reuses the cache; an interrupted run resumes
+    from its last complete shard.
+    """
+    from .pipeline.precompute import precompute as run
+
+    run(build_config(PrecomputeConfig, options, config_file), log=click.echo)
+
+
+@cli.command()
+@config_options(TrainConfig)
+@click.option("--config", "config_file", type=click.Path(), help="YAML file of options (command line wins).")
+@click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier run in --output.")
+def train(config_file, overwrite, **options):
+    """Train a policy with DPO against a reference cache (the reference model is never loaded).
+
+    Writes OUTPUT/metrics.jsonl (TRL's metric names), OUTPUT/adapters.safetensors with
+    adapter_config.json (load with `mlx_lm.generate --adapter-path OUTPUT`), and config.yaml.
+    """
+    from .trainer.run import run_training
+
+    run_training(build_config(TrainConfig, options, config_file), overwrite=overwrite, log=click.echo)
+
+
+def main() -> None:
+    """Console entry: one-line errors and a non-zero exit; tracebacks only with --debug."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except Exception as error:
+        if debug:
+            raise
+        click.echo(f"Error: {type(error).__name__}: {error} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Loading a model and tokenizer through mlx-lm, in float32 on CPU, and hashing its weights."""
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import UserError
+from .schemas.identity import hash_files
+
+
+def resolve_model_path(name: str) -> Path:
+    """A local directory as is; otherwise a Hugging Face id, downloaded by mlx-lm's own resolver."""
+    if Path(name).is_dir():
+        return Path(name)
+    if Path(name).exists():
+        raise UserError(f"{name}: a model must be a directory with config.json and *.safetensors, not a file")
+    from mlx_lm.utils import _download  # the resolver mlx_lm.load uses, so both see the same files
+
+    try:
+        return Path(_download(name))
+    except Exception as error:  # hub errors come in many types; all mean "cannot get this model"
+        raise UserError(f"{name}: not a local model directory and could not be fetched from the hub ({error})")
+
+
+def checked_model_path(name: str) -> Path:
+    path = resolve_model_path(name)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a model directory (no config.json)")
+    if not list(path.glob("*.safetensors")):
+        raise UserError(f"{path}: no *.safetensors weights (only safetensors are loaded, never pickle)")
+    return path
+
+
+def load_tokenizer(path: Path):
+    """The Hugging Face tokenizer mlx-lm would use for this model."""
+    from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
+
+    try:
+        wrapper = mlx_lm_load_tokenizer(path)
+    except Exception as error:
+        raise UserError(f"{path}: could not load the tokenizer ({type(error).__name__}: {error})")
+    return getattr(wrapper, "_tokenizer", wrapper)
+
+
+def load_model(path: Path) -> nn.Module:
+    """The model through mlx-lm. CPU models are cast to float32: on x86 only float32 matmuls reach
+    BLAS, and float32 is what the cached log-probs are stored in."""
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    try:
+        model, _ = mlx_lm_load_model(path)
+    except Exception as error:
+        raise UserError(f"{path}: could not load the model ({type(error).__name__}: {error})")
+    if mx.default_device() == mx.cpu and not _is_quantized(model):
+        model.set_dtype(mx.float32)
+    return model
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+
+
+def weights_hash(path: Path) -> str:
+    """Content hash of the weights and the config that shapes them."""
+    return hash_files(sorted(path.glob("*.safetensors")) + [path / "config.json"])

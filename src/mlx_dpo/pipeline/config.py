@@ -1,0 +1,28 @@
+"""PrecomputeConfig: every option of `mlx-dpo precompute`, validated. Imports no mlx."""
+
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from ..schemas.sequence import TRUNCATION_MODES
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    model: str = field(metadata={"help": "Reference model: local directory or Hugging Face id."})
+    data: str = field(metadata={"help": "Preference data: .jsonl/.json/.parquet/.csv file, folder with train/valid files, or hub id."})
+    out: str = field(metadata={"help": "Cache directory to write (manifest.json + <split>/part-NNNNN.parquet)."})
+    split: str = field(default="train", metadata={"help": "Data split to train on."})
+    max_length: int | None = field(default=1024, metadata={"help": "Max tokens of prompt+completion (TRL's max_length)."})
+    truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start or keep_end, as TRL."})
+    tokens_per_batch: int = field(default=8192, metadata={"help": "Padded tokens per reference forward."})
+    rows_per_shard: int = field(default=2048, metadata={"help": "Input rows per Parquet shard (the unit of resume)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a cache at --out made from other inputs."})
+
+    def __post_init__(self):
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise UserError(f"--truncation-mode must be one of {', '.join(TRUNCATION_MODES)}, got {self.truncation_mode!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise UserError(f"--max-length must be at least 2, got {self.max_length}")
+        for name in ("tokens_per_batch", "rows_per_shard"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -1,0 +1,63 @@
+"""Arrow tables -> Parquet shards, atomically, with their checksums."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - registers pa.compute
+import pyarrow.parquet as pq
+
+from ..schemas import ShardInfo
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(table: pa.Table, path: Path, cache_dir: Path, row_group_rows: int = 256) -> ShardInfo:
+    """Write via temp file + fsync + rename: a shard on disk is always complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return shard_info(path, cache_dir)
+
+
+def shard_info(path: Path, cache_dir: Path) -> ShardInfo:
+    return ShardInfo(
+        path=str(path.relative_to(cache_dir)),
+        rows=pq.read_metadata(path).num_rows,
+        bytes=path.stat().st_size,
+        sha256=file_sha256(path),
+    )
+
+
+def completion_tokens(path: Path) -> int:
+    table = pq.read_table(path, columns=["n_chosen_tokens", "n_rejected_tokens"])
+    return sum(pa.compute.sum(table[c]).as_py() or 0 for c in table.column_names)
+
+
+def write_jsonl_atomic(records: list[dict], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def shard_identity(path: Path) -> str | None:
+    """The identity stored in a shard's schema metadata, or None if unreadable."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    value = metadata.get(b"mlx_dpo.identity")
+    return value.decode() if value else None

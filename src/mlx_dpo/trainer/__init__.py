@@ -1,0 +1,1 @@
+"""Stage 2: cached Parquet -> batches -> policy log-probs -> DPO loss -> optimizer step."""

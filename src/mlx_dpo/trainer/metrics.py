@@ -1,0 +1,33 @@
+"""⑥ metrics.jsonl: one JSON object per report, TRL's metric names."""
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int, split: str, metrics: dict) -> dict:
+        record = {"step": step, "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        return record
+
+
+def _plain(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible rather than invalid
+    return value
+
+
+def format_report(record: dict) -> str:
+    return (
+        f"[{record['split']:>5}] step {record['step']:>5} | loss {record['loss']:.4f} | "
+        f"acc {record['rewards/accuracies']:.3f} | margin {record['rewards/margins']:+.4f} | "
+        f"chosen {record['rewards/chosen']:+.4f} rejected {record['rewards/rejected']:+.4f}"
+        + (f" | {record['tokens_per_sec']:,.0f} tok/s | lr {record['learning_rate']:.2e}"
+           if "tokens_per_sec" in record else "")
+    )

@@ -1,0 +1,99 @@
+"""④ Parquet shards -> bounded shuffle buffer -> length-bucketed, padded batches.
+
+Memory is bounded by the shuffle buffer (rows), not by the cache size. The order depends only on
+the seed and the epoch, so a run can resume by skipping the batches it already consumed.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..logps import collate_pairs
+
+ROW_COLUMNS = ["index", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
+
+
+@dataclass
+class Batch:
+    input_ids: np.ndarray  # (2B, T) int32: chosen rows, then rejected rows
+    completion_mask: np.ndarray  # (2B, T) int32
+    ref_chosen_logps: np.ndarray  # (B,) float32
+    ref_rejected_logps: np.ndarray  # (B,) float32
+    indices: np.ndarray  # (B,) input-row indices, for tracing a batch back to the data
+
+
+def iter_rows(shards: list[Path], rng: np.random.Generator | None) -> Iterator[dict]:
+    """Rows of every shard; with `rng`, shards and row groups are visited in random order."""
+    shard_order = rng.permutation(len(shards)) if rng is not None else range(len(shards))
+    for s in shard_order:
+        parquet = pq.ParquetFile(shards[s])
+        groups = range(parquet.num_row_groups)
+        for g in rng.permutation(len(groups)) if rng is not None else groups:
+            yield from parquet.read_row_group(int(g), columns=ROW_COLUMNS).to_pylist()
+
+
+def _pair_length(row: dict) -> int:
+    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+
+class PairStream:
+    """Batches of preference pairs from a cache split.
+
+    With `shuffle`, each epoch reads rows in a seeded random order into a buffer of
+    `shuffle_buffer` rows, sorts the buffer by length so a batch holds similar lengths (little
+    padding), and yields its batches in random order. Without it, rows come sorted by length.
+    """
+
+    def __init__(self, shards, *, batch_size, max_length, truncation_mode, pad_id,
+                 shuffle=True, seed=0, shuffle_buffer=4096, pad_to_multiple=8):
+        self.shards = [Path(s) for s in shards]
+        self.batch_size = batch_size
+        self.collate = dict(max_length=max_length, truncation_mode=truncation_mode, pad_id=pad_id,
+                            pad_to_multiple=pad_to_multiple)
+        self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, max(shuffle_buffer, batch_size)
+
+    def _buffer_batches(self, buffer: list[dict], rng) -> list[list[dict]]:
+        buffer.sort(key=_pair_length)
+        batches = [buffer[i : i + self.batch_size] for i in range(0, len(buffer), self.batch_size)]
+        if rng is not None:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+        buffer = []
+        limit = self.shuffle_buffer if self.shuffle else None
+        for row in iter_rows(self.shards, rng):
+            buffer.append(row)
+            if limit is not None and len(buffer) >= limit:
+                yield from map(self.make_batch, self._buffer_batches(buffer, rng))
+                buffer = []
+        if buffer:
+            yield from map(self.make_batch, self._buffer_batches(buffer, rng))
+
+    def forever(self, start_epoch: int = 0, skip_batches: int = 0) -> Iterator[tuple[int, Batch]]:
+        """(epoch, batch) pairs without end; resumes `skip_batches` into `start_epoch`."""
+        epoch = start_epoch
+        while True:
+            produced = 0
+            for i, batch in enumerate(self.epoch(epoch)):
+                produced += 1
+                if epoch == start_epoch and i < skip_batches:
+                    continue
+                yield epoch, batch
+            if produced == 0:
+                raise ValueError("the cache split has no rows to train on")
+            epoch += 1
+
+    def make_batch(self, rows: list[dict]) -> Batch:
+        input_ids, completion_mask = collate_pairs(rows, **self.collate)
+        return Batch(
+            input_ids=input_ids,
+            completion_mask=completion_mask,
+            ref_chosen_logps=np.array([r["ref_chosen_logps"] for r in rows], dtype=np.float32),
+            ref_rejected_logps=np.array([r["ref_rejected_logps"] for r in rows], dtype=np.float32),
+            indices=np.array([r["index"] for r in rows], dtype=np.int64),
+        )

@@ -1,0 +1,135 @@
+"""⑤ The training loop: compiled step, reports, evaluation, saves. The model and the data are
+arguments; nothing here loads a model or knows about files."""
+
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from ..logps import sequence_logps
+from .loss import dpo_loss
+from .stream import Batch
+
+# Order of the metric vector the step returns; averaged over steps, then named for the report.
+METRIC_NAMES = (
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+    "logps/chosen", "logps/rejected",
+)
+
+
+def make_loss_fn(beta: float, label_smoothing: float):
+    def loss_fn(model, input_ids, completion_mask, ref_chosen_logps, ref_rejected_logps):
+        logps, ntoks = sequence_logps(model, input_ids, completion_mask)  # (2B,)
+        pairs = ref_chosen_logps.shape[0]
+        policy_chosen, policy_rejected = logps[:pairs], logps[pairs:]
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen_logps, ref_rejected_logps, beta, label_smoothing
+        )
+        metrics = mx.stack([
+            losses.mean(),
+            chosen_rewards.mean(),
+            rejected_rewards.mean(),
+            (chosen_rewards > rejected_rewards).astype(mx.float32).mean(),  # per example, then mean
+            (chosen_rewards - rejected_rewards).mean(),
+            policy_chosen.mean(),
+            policy_rejected.mean(),
+        ])
+        return losses.mean(), (metrics, ntoks.sum())
+
+    return loss_fn
+
+
+def _arrays(batch: Batch) -> tuple[mx.array, ...]:
+    return (mx.array(batch.input_ids), mx.array(batch.completion_mask),
+            mx.array(batch.ref_chosen_logps), mx.array(batch.ref_rejected_logps))
+
+
+def evaluate(model, loss_fn, batches: Iterator[Batch], max_batches: int) -> dict:
+    """Metrics averaged over pairs of up to `max_batches` batches (-1: all)."""
+    totals, pairs, ntoks = mx.zeros(len(METRIC_NAMES)), 0, 0
+    for i, batch in enumerate(batches):
+        if i == max_batches:
+            break
+        _, (metrics, toks) = loss_fn(model, *_arrays(batch))
+        n = len(batch.indices)
+        totals, pairs, ntoks = totals + metrics * n, pairs + n, ntoks + toks
+        mx.eval(totals, ntoks)
+    return {**dict(zip(METRIC_NAMES, (totals / max(pairs, 1)).tolist())), "ntoks": int(ntoks)}
+
+
+def train(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    batches: Iterator[Batch],
+    loss_fn: Callable,
+    *,
+    iters: int,
+    start_step: int = 0,
+    grad_accumulation_steps: int = 1,
+    max_grad_norm: float = 1.0,
+    steps_per_report: int = 10,
+    steps_per_eval: int = 100,
+    steps_per_save: int = 100,
+    on_report: Callable[[int, dict], None] = lambda step, metrics: None,
+    on_eval: Callable[[int], None] | None = None,
+    on_save: Callable[[int], None] = lambda step: None,
+) -> None:
+    """Run optimizer steps `start_step+1 .. iters`. Each step consumes `grad_accumulation_steps`
+    batches. Step 1 is always reported: at step 1 the policy is still the reference, so its loss
+    is ln 2 and its margins 0, a check that both stages score tokens the same way."""
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def accumulate(arrays, prev_grad):
+        (loss, aux), grad = value_and_grad(model, *arrays)
+        if prev_grad is not None:
+            grad = tree_map(lambda a, b: a + b, grad, prev_grad)
+        return loss, aux, grad
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(grad):
+        grad = tree_map(lambda g: g / grad_accumulation_steps, grad)
+        if max_grad_norm > 0:
+            grad, norm = optim.clip_grad_norm(grad, max_grad_norm)
+        else:
+            norm = optim.clip_grad_norm(grad, float("inf"))[1]
+        optimizer.update(model, grad)
+        return norm
+
+    model.train()
+    # ---- running sums for the next report ----
+    sums, ntoks, grad_norms, steps, seconds = mx.zeros(len(METRIC_NAMES)), 0, 0.0, 0, 0.0
+    for step in range(start_step + 1, iters + 1):
+        tic = time.perf_counter()
+        # ---- forward/backward over the micro-batches, then one update ----
+        grad = None
+        for _ in range(grad_accumulation_steps):
+            _, (metrics, toks), grad = accumulate(_arrays(next(batches)), grad)
+            sums, ntoks = sums + metrics / grad_accumulation_steps, ntoks + toks
+        learning_rate = optimizer.learning_rate  # the rate this step is taken with
+        grad_norm = update(grad)
+        mx.eval(state, sums, ntoks, grad_norm, learning_rate)
+        seconds += time.perf_counter() - tic
+        steps += 1
+        grad_norms += grad_norm.item()
+
+        # ---- report ----
+        if step % steps_per_report == 0 or step == iters or step == start_step + 1:
+            report = dict(zip(METRIC_NAMES, (sums / steps).tolist()))
+            report.update(
+                ntoks=int(ntoks), tokens_per_sec=int(ntoks) / seconds, learning_rate=learning_rate.item(),
+                grad_norm=grad_norms / steps, peak_memory_gb=mx.get_peak_memory() / 1e9,
+            )
+            on_report(step, report)
+            sums, ntoks, grad_norms, steps, seconds = mx.zeros(len(METRIC_NAMES)), 0, 0.0, 0, 0.0
+        if on_eval is not None and (step % steps_per_eval == 0 or step == iters):
+            model.eval()
+            on_eval(step)
+            model.train()
+        if step % steps_per_save == 0 or step == iters:
+            on_save(step)
