@@ -1,0 +1,78 @@
+"""PairStream: exact padded arrays, determinism, every row once per epoch, resume by skipping."""
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mlx_dpo.pipeline.write import write_shard
+from mlx_dpo.schemas import ref_logps_schema
+from mlx_dpo.trainer.stream import PairStream
+
+
+def _rows(start, n):
+    # Row i: prompt [i], chosen i%3+1 tokens, rejected 1 token; ref logps encode the index.
+    return [
+        {"index": i, "prompt_ids": [100 + i], "chosen_ids": [7] * (i % 3 + 1), "rejected_ids": [8],
+         "ref_chosen_logps": -float(i), "ref_rejected_logps": -float(i) - 0.5,
+         "n_chosen_tokens": i % 3 + 1, "n_rejected_tokens": 1}
+        for i in range(start, start + n)
+    ]
+
+
+@pytest.fixture
+def shards(tmp_path):
+    schema = ref_logps_schema("test")
+    paths = []
+    for k, (start, n) in enumerate([(0, 7), (7, 6)]):
+        rows = _rows(start, n)
+        table = pa.table({f.name: [r[f.name] for r in rows] for f in schema}, schema=schema)
+        write_shard(table, tmp_path / f"train/part-{k:05d}.parquet", tmp_path, row_group_rows=3)
+        paths.append(tmp_path / f"train/part-{k:05d}.parquet")
+    return paths
+
+
+def _stream(shards, **kw):
+    args = dict(batch_size=2, max_length=None, truncation_mode="keep_start", pad_id=0, seed=1,
+                shuffle_buffer=4, pad_to_multiple=1)
+    return PairStream(shards, **{**args, **kw})
+
+
+def test_exact_padded_batch(shards):
+    # Unshuffled: rows sorted by pair length; rows 0 and 3 are the shortest (chosen of 1 token).
+    batch = next(iter(_stream(shards, shuffle=False).epoch(0)))
+    np.testing.assert_array_equal(batch.indices, [0, 3])
+    np.testing.assert_array_equal(batch.input_ids, [
+        [100, 7],  # row 0: prompt [100], chosen [7]
+        [103, 7],  # row 3: prompt [103], chosen [7]
+        [100, 8],  # row 0: rejected [8]
+        [103, 8],  # row 3: rejected [8]
+    ])
+    np.testing.assert_array_equal(batch.completion_mask, [[0, 1]] * 4)
+    np.testing.assert_array_equal(batch.ref_chosen_logps, [-0.0, -3.0])
+    np.testing.assert_array_equal(batch.ref_rejected_logps, [-0.5, -3.5])
+
+
+def test_every_row_once_per_epoch_and_seeded(shards):
+    stream = _stream(shards)
+    for epoch in range(2):
+        seen = Counter(int(i) for b in stream.epoch(epoch) for i in b.indices)
+        assert seen == Counter(range(13))
+    order = lambda s, e: [tuple(b.indices) for b in s.epoch(e)]  # noqa: E731
+    assert order(stream, 0) == order(_stream(shards), 0)  # same seed, same order
+    assert order(stream, 0) != order(stream, 1)  # epochs differ
+    assert order(stream, 0) != order(_stream(shards, seed=2), 0)
+
+
+def test_resume_continues_where_it_stopped(shards):
+    full = [(e, tuple(b.indices)) for (e, b), _ in zip(_stream(shards).forever(), range(12))]
+    resumed = [(e, tuple(b.indices)) for (e, b), _ in zip(_stream(shards).forever(0, skip_batches=5), range(7))]
+    assert resumed == full[5:]
+
+
+def test_batches_hold_similar_lengths(shards):
+    # Within a buffer rows are sorted by length, so no batch mixes length 2 and 4 when avoidable.
+    for batch in _stream(shards, shuffle_buffer=13).epoch(0):
+        widths = batch.completion_mask.sum(axis=1)[: len(batch.indices)]  # chosen rows only
+        assert widths.max() - widths.min() <= 1
