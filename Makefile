@@ -11,7 +11,7 @@ CACHE  ?= $(DEMO)/cache
 OUT    ?= runs/demo
 PRECOMPUTE_ARGS ?= --max-length 256
 # Tuned for the demo: a random-init tiny Llama learns the preference within a minute or two.
-TRAIN_ARGS ?= --iters 100 --batch-size 8 --learning-rate 1e-3 --warmup-steps 10 --steps-per-report 10 --steps-per-eval 50 --steps-per-save 50
+TRAIN_ARGS ?= --iters 150 --batch-size 8 --learning-rate 1e-4 --warmup-steps 10 --steps-per-report 10 --steps-per-eval 50 --steps-per-save 50
 PYTEST_ARGS ?=
 
 .PHONY: install demo precompute train test test-slow lint clean

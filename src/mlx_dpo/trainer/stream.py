@@ -48,7 +48,7 @@ class PairStream:
     """
 
     def __init__(self, shards, *, batch_size, max_length, truncation_mode, pad_id,
-                 shuffle=True, seed=0, shuffle_buffer=4096, pad_to_multiple=8):
+                 shuffle=True, seed=0, shuffle_buffer=4096, pad_to_multiple=32):
         self.shards = [Path(s) for s in shards]
         self.batch_size = batch_size
         self.collate = dict(max_length=max_length, truncation_mode=truncation_mode, pad_id=pad_id,
