@@ -51,11 +51,13 @@ def test_lora_run_step0_invariant_and_outputs(setup):
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
     # Step 1 is scored before any update: the policy is the reference.
-    first = records[0]
+    first = records[1]
     assert (first["step"], first["split"]) == (1, "train")
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert abs(first["rewards/margins"]) < 1e-4 and abs(first["rewards/chosen"]) < 1e-4
 
+    assert records[0]["split"] == "eval" and records[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    records = records[1:]  # the step-0 evaluation, before any update
     assert [(r["step"], r["split"]) for r in records] == [
         (1, "train"), (2, "train"), (2, "eval"), (3, "train"), (4, "train"), (4, "eval")]
     for r in records:
@@ -101,7 +103,8 @@ def test_other_fine_tune_types(setup, kind):
 
     result = train(setup, f"run-{kind}", "--fine-tune-type", kind, "--num-layers", 1)
     assert result.exit_code == 0, result.output
-    first = json.loads(open(setup / f"run-{kind}" / "metrics.jsonl").readline())
+    first = [json.loads(line) for line in open(setup / f"run-{kind}" / "metrics.jsonl")][1]
+    assert (first["step"], first["split"]) == (1, "train")
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
     load(str(setup / "policy"), adapter_path=str(setup / f"run-{kind}"))
 

@@ -99,6 +99,9 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print) -> list[d
         report(step, "eval", evaluate(model, loss_fn, eval_stream.epoch(0), cfg.val_batches))
 
     optimizer = optim.AdamW(learning_rate=build_schedule(cfg), weight_decay=cfg.weight_decay)
+    if eval_stream is not None:
+        model.eval()
+        run_eval(0)  # the policy is still the reference here: loss ln 2, margins 0
     train(
         model, optimizer, (batch for _, batch in train_stream.forever()), loss_fn,
         iters=cfg.iters, grad_accumulation_steps=cfg.grad_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
@@ -107,6 +110,10 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print) -> list[d
         on_eval=run_eval if eval_stream is not None else None,
         on_save=lambda step: save_adapters(model, run_dir, step),
     )
+    evals = [r for r in records if r["split"] == "eval"]
+    if len(evals) > 1:
+        log(f"Held-out rewards/accuracies {evals[0]['rewards/accuracies']:.3f} -> {evals[-1]['rewards/accuracies']:.3f}, "
+            f"loss {evals[0]['loss']:.4f} -> {evals[-1]['loss']:.4f}")
     log(f"Saved adapters to {run_dir / 'adapters.safetensors'} "
         f"(use: mlx_lm.generate --model {cfg.model} --adapter-path {run_dir})")
     return records
