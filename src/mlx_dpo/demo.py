@@ -10,6 +10,7 @@ prompt templates and other cities, so `rewards/accuracies` on them measures gene
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -92,6 +93,8 @@ def make_tokenizer(texts: list[str]):
     """Word-level tokenizer over every word of the demo corpus; Llama-like: adds bos on encode."""
     from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" notice: we need none
     from transformers import PreTrainedTokenizerFast
 
     split = pre_tokenizers.Whitespace()

@@ -112,8 +112,10 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print) -> list[d
     )
     evals = [r for r in records if r["split"] == "eval"]
     if len(evals) > 1:
-        log(f"Held-out rewards/accuracies {evals[0]['rewards/accuracies']:.3f} -> {evals[-1]['rewards/accuracies']:.3f}, "
-            f"loss {evals[0]['loss']:.4f} -> {evals[-1]['loss']:.4f}")
+        before, after = evals[0], evals[-1]
+        log(f"Held-out: loss {before['loss']:.4f} -> {after['loss']:.4f}, "
+            f"rewards/margins {before['rewards/margins']:+.4f} -> {after['rewards/margins']:+.4f}, "
+            f"rewards/accuracies {after['rewards/accuracies']:.3f} after training")
     log(f"Saved adapters to {run_dir / 'adapters.safetensors'} "
         f"(use: mlx_lm.generate --model {cfg.model} --adapter-path {run_dir})")
     return records
