@@ -51,7 +51,7 @@ def build_config(config_cls, cli_values: dict, config_file: str | None):
         try:
             loaded = yaml.safe_load(Path(config_file).read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
-            raise UserError(f"{config_file}: cannot read config ({error})")
+            raise UserError(f"{config_file}: cannot read config ({error})") from error
         if not isinstance(loaded, dict):
             raise UserError(f"{config_file}: a config must be a mapping of option: value")
         names = {f.name for f in dataclasses.fields(config_cls)}

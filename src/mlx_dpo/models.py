@@ -15,12 +15,14 @@ def resolve_model_path(name: str) -> Path:
         return Path(name)
     if Path(name).exists():
         raise UserError(f"{name}: a model must be a directory with config.json and *.safetensors, not a file")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"{name}: no such model directory")
     from mlx_lm.utils import _download  # the resolver mlx_lm.load uses, so both see the same files
 
     try:
         return Path(_download(name))
     except Exception as error:  # hub errors come in many types; all mean "cannot get this model"
-        raise UserError(f"{name}: not a local model directory and could not be fetched from the hub ({error})")
+        raise UserError(f"{name}: not a local model directory and could not be fetched from the hub ({error})") from error
 
 
 def checked_model_path(name: str) -> Path:
@@ -39,7 +41,7 @@ def load_tokenizer(path: Path):
     try:
         wrapper = mlx_lm_load_tokenizer(path)
     except Exception as error:
-        raise UserError(f"{path}: could not load the tokenizer ({type(error).__name__}: {error})")
+        raise UserError(f"{path}: could not load the tokenizer ({type(error).__name__}: {error})") from error
     return getattr(wrapper, "_tokenizer", wrapper)
 
 
@@ -51,7 +53,7 @@ def load_model(path: Path) -> nn.Module:
     try:
         model, _ = mlx_lm_load_model(path)
     except Exception as error:
-        raise UserError(f"{path}: could not load the model ({type(error).__name__}: {error})")
+        raise UserError(f"{path}: could not load the model ({type(error).__name__}: {error})") from error
     if mx.default_device() == mx.cpu and not _is_quantized(model):
         model.set_dtype(mx.float32)
     return model

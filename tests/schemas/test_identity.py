@@ -4,7 +4,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlx_dpo.schemas import (
-    Manifest, ShardInfo, SplitInfo, describe_difference, identity_hash, read_manifest, ref_logps_schema,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    describe_difference,
+    identity_hash,
+    read_manifest,
+    ref_logps_schema,
     write_json_atomic,
 )
 from mlx_dpo.schemas.manifest import MANIFEST_NAME
@@ -37,7 +43,7 @@ def test_manifest_round_trip(tmp_path):
     )
     write_json_atomic(tmp_path / MANIFEST_NAME, manifest.to_json())
     assert read_manifest(tmp_path) == manifest
-    assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
+    assert [p.name for p in tmp_path.iterdir()] == [MANIFEST_NAME]  # no temp file left behind
 
 
 def test_schema_metadata_round_trip(tmp_path):

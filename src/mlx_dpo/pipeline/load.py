@@ -31,10 +31,10 @@ def load_splits(data: str) -> dict:
     except UserError:
         raise
     except (FileNotFoundError, DatasetNotFoundError) as error:
-        raise UserError(f"{data}: dataset not found ({error})")
+        raise UserError(f"{data}: dataset not found ({error})") from error
     except Exception as error:  # datasets wraps parse errors in several types
         cause = error.__cause__ or error
-        raise UserError(f"{data}: could not read the data ({type(cause).__name__}: {cause})")
+        raise UserError(f"{data}: could not read the data ({type(cause).__name__}: {cause})") from error
 
 
 def _looks_like_hub_id(name: str) -> bool:

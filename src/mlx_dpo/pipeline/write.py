@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,6 +9,7 @@ import pyarrow.compute  # noqa: F401 - registers pa.compute
 import pyarrow.parquet as pq
 
 from ..schemas import ShardInfo
+from ..schemas.atomic import atomic_path, write_text_atomic
 
 
 def file_sha256(path: Path) -> str:
@@ -23,11 +23,8 @@ def file_sha256(path: Path) -> str:
 def write_shard(table: pa.Table, path: Path, cache_dir: Path, row_group_rows: int = 256) -> ShardInfo:
     """Write via temp file + fsync + rename: a shard on disk is always complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
     return shard_info(path, cache_dir)
 
 
@@ -46,11 +43,7 @@ def completion_tokens(path: Path) -> int:
 
 
 def write_jsonl_atomic(records: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def shard_identity(path: Path) -> str | None:

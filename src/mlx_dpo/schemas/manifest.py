@@ -1,9 +1,10 @@
 """manifest.json: what a cache holds. Written last, so its presence marks a complete cache."""
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .atomic import write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 
@@ -53,14 +54,7 @@ class Manifest:
 
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON via a temp file and rename, so readers see the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_manifest(cache_dir: Path) -> Manifest:

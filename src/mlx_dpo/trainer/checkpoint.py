@@ -1,7 +1,6 @@
 """⑥ What a run leaves behind: mlx-lm-compatible adapters, resumable checkpoints, the config."""
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import mlx.nn as nn
 import yaml
 from mlx.utils import tree_flatten
 
+from ..schemas.atomic import atomic_path, write_text_atomic
 from .config import TrainConfig
 
 ADAPTERS = "adapters.safetensors"
@@ -17,15 +17,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _save_safetensors_atomic(arrays: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays)
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        mx.save_safetensors(str(tmp), arrays)
 
 
 def adapter_config(cfg: TrainConfig) -> dict:
@@ -44,9 +37,9 @@ def adapter_config(cfg: TrainConfig) -> dict:
 
 def save_run_config(cfg: TrainConfig, run_dir: Path, cache_identity: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(yaml.safe_dump({**asdict(cfg), "cache_identity": cache_identity}, sort_keys=False),
-                       run_dir / "config.yaml")
-    _write_text_atomic(json.dumps(adapter_config(cfg), indent=2) + "\n", run_dir / ADAPTER_CONFIG)
+    config = {**asdict(cfg), "cache_identity": cache_identity}
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_text_atomic(run_dir / ADAPTER_CONFIG, json.dumps(adapter_config(cfg), indent=2) + "\n")
 
 
 def save_adapters(model: nn.Module, run_dir: Path, step: int) -> Path:

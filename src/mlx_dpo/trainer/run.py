@@ -22,7 +22,7 @@ def open_cache(cache: str):
     try:
         manifest = read_manifest(Path(cache))
     except (FileNotFoundError, ValueError) as error:
-        raise UserError(str(error))
+        raise UserError(str(error)) from error
     for split in manifest.splits.values():
         for shard in split.shards:
             path = Path(cache) / shard.path
