@@ -13,6 +13,7 @@ import click
 import yaml
 
 from . import __version__
+from .cache_cmds import cache
 from .errors import UserError
 from .pipeline.config import PrecomputeConfig
 from .trainer.config import TrainConfig
@@ -108,6 +109,9 @@ def train(config_file, overwrite, **options):
     from .trainer.run import run_training
 
     run_training(build_config(TrainConfig, options, config_file), overwrite=overwrite, log=click.echo)
+
+
+cli.add_command(cache)
 
 
 def main() -> None:

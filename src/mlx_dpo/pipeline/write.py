@@ -1,6 +1,5 @@
 """Arrow tables -> Parquet shards, atomically, with their checksums."""
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -10,14 +9,7 @@ import pyarrow.parquet as pq
 
 from ..schemas import ShardInfo
 from ..schemas.atomic import atomic_path, write_text_atomic
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
+from ..schemas.verify import file_sha256
 
 
 def write_shard(table: pa.Table, path: Path, cache_dir: Path, row_group_rows: int = 256) -> ShardInfo:

@@ -1,0 +1,42 @@
+"""`mlx-dpo cache ...`: commands that look after reference caches without running a model."""
+
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+
+@click.group("cache")
+def cache():
+    """Check and inspect reference caches written by `mlx-dpo precompute`."""
+
+
+def read_cache_manifest(cache_dir: str):
+    """The manifest of a complete cache, or a one-line UserError naming what is wrong."""
+    from .schemas import read_manifest
+
+    try:
+        return read_manifest(Path(cache_dir))
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(str(error)) from error
+
+
+@cache.command()
+@click.argument("cache_dir", metavar="CACHE", type=click.Path())
+@click.option("--quick", is_flag=True, help="Only paths, sizes and row counts (no sha256, no values).")
+def verify(cache_dir, quick):
+    """Check a cache: every shard's sha256, size, row count, schema and identity, finite reference
+    log-probs, and that every input row is cached or rejected exactly once."""
+    from .schemas.verify import check_cache
+
+    manifest = read_cache_manifest(cache_dir)
+    problems = check_cache(Path(cache_dir), manifest, full=not quick)
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        raise UserError(f"{cache_dir}: {len(problems)} problem(s); rebuild it with `mlx-dpo precompute --overwrite`")
+    shards = sum(len(s.shards) for s in manifest.splits.values())
+    rows = ", ".join(f"{name} {s.rows_cached:,} cached + {s.rows_rejected:,} rejected" for name, s in manifest.splits.items())
+    checked = "paths, sizes and row counts" if quick else "sha256, schema, identity, values and row accounting"
+    click.echo(f"{cache_dir}: OK ({manifest.identity[:12]}: {shards} shards; {rows}; checked {checked})")

@@ -1,0 +1,114 @@
+"""`mlx-dpo cache verify`: a whole cache passes; each kind of damage is named, file and row."""
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from mlx_dpo.cli import cli
+from mlx_dpo.schemas.verify import file_sha256
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def good(tiny_model_dir, standard_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify") / "cache"
+    result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", out,
+                 "--max-length", 22, "--rows-per-shard", 5)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def cache(good, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(good, copy)
+    return copy
+
+
+def edit_manifest(cache, change):
+    manifest = json.loads((cache / "manifest.json").read_text())
+    change(manifest)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+
+
+def rewrite_shard(cache, change):
+    """Replace shard 0 with `change(table)` and record its new size and sha256, as a forger would."""
+    path = cache / "train" / "part-00000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(change(table), path)
+
+    def fix(manifest):
+        shard = manifest["splits"]["train"]["shards"][0]
+        shard.update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    edit_manifest(cache, fix)
+    return path
+
+
+def test_a_whole_cache_passes(good):
+    result = run("cache", "verify", good)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{good}: OK (") and "sha256" in result.output
+
+
+def test_a_flipped_byte_is_caught_by_the_full_check_only(cache):
+    path = cache / "train" / "part-00001.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    path.write_bytes(bytes(data))
+    assert run("cache", "verify", "--quick", cache).exit_code == 0
+    result = run("cache", "verify", cache)
+    assert result.exit_code == 1
+    assert f"{path}: sha256 differs from the manifest" in result.output
+
+
+def test_a_truncated_shard_is_caught_by_the_cheap_check(cache):
+    path = cache / "train" / "part-00002.parquet"
+    path.write_bytes(path.read_bytes()[:100])
+    result = run("cache", "verify", "--quick", cache)
+    assert result.exit_code == 1 and f"{path}: 100 bytes, manifest says" in result.output
+
+
+def test_a_non_finite_reference_log_prob_is_named_with_its_row(cache):
+    def poison(table):
+        values = table["ref_chosen_logps"].to_pylist()
+        values[1] = float("nan")
+        column = table.schema.get_field_index("ref_chosen_logps")
+        return table.set_column(column, table.schema.field(column), pa.array(values, pa.float32()))
+    path = rewrite_shard(cache, poison)
+    row = pq.read_table(path)["index"][1].as_py()
+    result = run("cache", "verify", cache)
+    assert result.exit_code == 1 and f"{path}: row {row}: ref_chosen_logps is not finite" in result.output
+
+
+def test_a_changed_schema_is_refused(cache):
+    path = rewrite_shard(cache, lambda t: t.drop_columns(["n_rejected_tokens"]))
+    result = run("cache", "verify", cache)
+    assert result.exit_code == 1 and f"{path}: schema differs" in result.output
+
+
+def test_lost_rows_break_the_accounting(cache):
+    rejects = cache / "rejects.jsonl"
+    rejects.write_text("".join(rejects.read_text().splitlines(keepends=True)[1:]))
+    result = run("cache", "verify", cache)
+    assert result.exit_code == 1 and "do not cover input rows 0..11 exactly once" in result.output
+
+
+def test_a_manifest_cannot_point_outside_the_cache(cache):
+    edit_manifest(cache, lambda m: m["splits"]["train"]["shards"][0].update(path="../../etc/passwd"))
+    result = run("cache", "verify", "--quick", cache)
+    assert result.exit_code == 1 and "'../../etc/passwd' points outside the cache" in result.output
+
+
+def test_a_directory_that_is_not_a_cache(tmp_path):
+    result = run("cache", "verify", tmp_path)
+    assert result.exit_code == 1 and "not a complete mlx-dpo cache (no manifest.json" in result.output
+    (tmp_path / "manifest.json").write_text("{not json")
+    result = run("cache", "verify", tmp_path)
+    assert result.exit_code == 1 and "unreadable manifest" in result.output
