@@ -124,3 +124,15 @@ def test_policy_equal_to_reference_is_ln2():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         preference_loss(mx.array([-2.0]), mx.array([-3.0]), mx.array([-2.5]), mx.array([-2.5]), **kwargs)
+
+
+def test_large_margins_stay_finite():
+    """log σ(-500) must be -500, not -inf: the loss uses logaddexp."""
+    out = preference_loss(mx.array([-1000.0]), mx.array([0.0]), mx.array([0.0]), mx.array([0.0]), beta=0.5)
+    assert out.item() == pytest.approx(500.0, rel=1e-6)
+
+
+def test_train_config_knows_every_loss():
+    from mlx_dpo.trainer.config import LOSS_TYPES
+
+    assert set(LOSS_TYPES) == set(LOSSES)

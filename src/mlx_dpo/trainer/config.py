@@ -6,6 +6,11 @@ from ..errors import UserError
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 LR_SCHEDULES = ("cosine", "constant")
+# Names of mlx_dpo.losses.LOSSES (a test keeps the two equal; this module must not import mlx).
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "sft")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+REJECTED_AGGREGATIONS = ("pairwise", "softmax")
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,15 @@ class TrainConfig:
     # loss
     beta: float = field(default=0.1, metadata={"help": "DPO temperature β: strength of the pull towards the reference."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Conservative DPO ε in [0, 0.5): assumed rate of flipped labels."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "Loss, or comma-separated losses summed with --loss-weights: " + ", ".join(LOSS_TYPES) + "."})
+    loss_weights: str | None = field(default=None, metadata={"help": "Comma-separated weights, one per --loss-type (default all 1)."})
+    rpo_alpha: float | None = field(default=None, metadata={"help": "Add rpo_alpha × NLL of the chosen completion (RPO; same as adding 'sft')."})
+    reference_free: bool = field(default=False, metadata={"help": "Ignore the cached reference (reference-free DPO)."})
+    rejected_aggregation: str = field(default="pairwise", metadata={"help": "Several rejected per prompt: pairwise (mean over K pairs) or softmax (Plackett-Luce top-1)."})
+    f_divergence_type: str = field(default="reverse_kl", metadata={"help": "f-divergence on the log-ratios: " + ", ".join(F_DIVERGENCES) + "."})
+    f_alpha_divergence_coef: float = field(default=1.0, metadata={"help": "α of alpha_divergence."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin γ."})
+    discopop_tau: float = field(default=0.05, metadata={"help": "DiscoPOP gate temperature τ."})
     # fine-tuning
     fine_tune_type: str = field(default="lora", metadata={"help": "lora, dora or full (mlx-lm's tuner)."})
     num_layers: int = field(default=-1, metadata={"help": "Trained transformer blocks, counted from the last; -1 for all."})
@@ -57,9 +71,43 @@ class TrainConfig:
                      "steps_per_report", "steps_per_eval", "steps_per_save"):
             checks.append((getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1"))
         checks.append((0 <= self.warmup_steps < self.iters, "--warmup-steps must be in [0, iters)"))
+        types = self.loss_types
+        checks += [(t in LOSS_TYPES, f"--loss-type {t!r}: not one of {', '.join(LOSS_TYPES)}") for t in types]
+        checks += [
+            (self.loss_weights is None or len(self.weights) == len(types), "--loss-weights needs one weight per --loss-type"),
+            (self.f_divergence_type in F_DIVERGENCES, f"--f-divergence-type must be one of {', '.join(F_DIVERGENCES)}"),
+            (self.rejected_aggregation in REJECTED_AGGREGATIONS, "--rejected-aggregation must be pairwise or softmax"),
+            (self.rejected_aggregation == "pairwise" or set(types) <= {"sigmoid", "sft"},
+             "--rejected-aggregation softmax is defined for the sigmoid loss only"),
+            (self.discopop_tau > 0, "--discopop-tau must be positive"),
+        ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+    @property
+    def loss_types(self) -> list[str]:
+        types = [t.strip() for t in self.loss_type.split(",") if t.strip()]
+        return types + ["sft"] if self.rpo_alpha is not None else types
+
+    @property
+    def weights(self) -> list[float]:
+        try:
+            weights = [float(w) for w in self.loss_weights.split(",")] if self.loss_weights else []
+        except ValueError as error:
+            raise UserError(f"--loss-weights: {error}") from error
+        weights = weights or [1.0] * len(self.loss_type.split(","))
+        return weights + [self.rpo_alpha] if self.rpo_alpha is not None else weights
+
+    def loss_options(self) -> dict:
+        """Keyword arguments of mlx_dpo.losses.preference_loss."""
+        return dict(
+            loss_type=self.loss_types, loss_weights=self.weights, beta=self.beta,
+            label_smoothing=self.label_smoothing, reference_free=self.reference_free,
+            rejected_aggregation=self.rejected_aggregation, f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef, simpo_gamma=self.simpo_gamma,
+            discopop_tau=self.discopop_tau,
+        )
 
     @property
     def pairs_per_step(self) -> int:

@@ -89,7 +89,7 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print) -> list[d
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     save_run_config(cfg, run_dir, manifest.identity)
     metrics_log, records = MetricsLog(run_dir / "metrics.jsonl"), []
-    loss_fn = make_loss_fn(cfg.beta, cfg.label_smoothing)
+    loss_fn = make_loss_fn(cfg.loss_options())
 
     def report(step: int, split: str, metrics: dict) -> None:
         records.append(metrics_log.write(step, split, metrics))

@@ -11,24 +11,32 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from ..logps import sequence_logps
-from .loss import dpo_loss
+from ..losses import preference_loss
 from .stream import Batch
 
 # Order of the metric vector the step returns; averaged over steps, then named for the report.
 METRIC_NAMES = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-    "logps/chosen", "logps/rejected",
+    "logps/chosen", "logps/rejected", "nll_loss",
 )
 
 
-def make_loss_fn(beta: float, label_smoothing: float):
+def make_loss_fn(loss_options: dict):
+    """loss_fn(model, input_ids, completion_mask, ref_chosen, ref_rejected) -> (mean loss, (metrics, ntoks)),
+    for preference_loss(**loss_options). Metrics are computed per example, then averaged."""
+    options = dict(loss_options)
+    beta, reference_free = options["beta"], options.get("reference_free", False)
+
     def loss_fn(model, input_ids, completion_mask, ref_chosen_logps, ref_rejected_logps):
         logps, ntoks = sequence_logps(model, input_ids, completion_mask)  # (2B,)
         pairs = ref_chosen_logps.shape[0]
         policy_chosen, policy_rejected = logps[:pairs], logps[pairs:]
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen_logps, ref_rejected_logps, beta, label_smoothing
-        )
+        chosen_lengths, rejected_lengths = ntoks[:pairs], ntoks[pairs:]
+        losses = preference_loss(policy_chosen, policy_rejected, ref_chosen_logps, ref_rejected_logps,
+                                 chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **options)
+        scale = 0.0 if reference_free else 1.0
+        chosen_rewards = beta * (policy_chosen - scale * ref_chosen_logps)
+        rejected_rewards = beta * (policy_rejected - scale * ref_rejected_logps)
         metrics = mx.stack([
             losses.mean(),
             chosen_rewards.mean(),
@@ -37,6 +45,7 @@ def make_loss_fn(beta: float, label_smoothing: float):
             (chosen_rewards - rejected_rewards).mean(),
             policy_chosen.mean(),
             policy_rejected.mean(),
+            -policy_chosen.sum() / mx.maximum(chosen_lengths.sum(), 1),  # NLL per chosen token
         ])
         return losses.mean(), (metrics, ntoks.sum())
 

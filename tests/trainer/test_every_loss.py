@@ -1,0 +1,61 @@
+"""One cache, many experiments: every loss trains end to end from the same cache, untouched."""
+
+import json
+import math
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+import tiny_models
+from mlx_dpo.cli import cli
+from mlx_dpo.trainer.config import LOSS_TYPES
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("losses")
+    tiny_models.write_jsonl(root / "data.jsonl", tiny_models.standard_rows())
+    result = run("precompute", "--model", tiny_model_dir, "--data", root / "data.jsonl", "--out", root / "cache")
+    assert result.exit_code == 0, result.output
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "cache").rglob("*") if p.is_file()}
+    yield root, stamps
+    # Nothing any run did touched the cache.
+    assert {p: p.stat().st_mtime_ns for p in (root / "cache").rglob("*") if p.is_file()} == stamps
+
+
+@pytest.mark.parametrize("extra", [["--loss-type", t] for t in LOSS_TYPES] + [
+    ["--loss-type", "sigmoid,sft", "--loss-weights", "1,0.5"],
+    ["--rpo-alpha", "1.0"],
+    ["--reference-free"],
+    ["--f-divergence-type", "js_divergence"],
+    ["--f-divergence-type", "alpha_divergence", "--f-alpha-divergence-coef", "0.5"],
+    ["--loss-type", "robust", "--label-smoothing", "0.2"],
+], ids=lambda extra: "-".join(a.strip("-") for a in extra))
+def test_trains_from_the_shared_cache(shared, tiny_model_dir, extra):
+    root, _ = shared
+    out = root / ("run-" + "-".join(a.strip("-").replace(",", "+") for a in extra))
+    result = run("train", "--cache", root / "cache", "--model", tiny_model_dir, "--output", out,
+                 "--iters", 2, "--batch-size", 4, "--steps-per-report", 1, "--learning-rate", 1e-3, *extra)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+    assert "reference from cache" in result.output
+    shutil.rmtree(out)
+
+
+def test_sigmoid_step0_is_ln2_but_reference_free_is_not(shared, tiny_model_dir):
+    root, _ = shared
+    losses = {}
+    for name, extra in (("dpo", []), ("free", ["--reference-free"])):
+        out = root / f"step0-{name}"
+        assert run("train", "--cache", root / "cache", "--model", tiny_model_dir, "--output", out,
+                   "--iters", 1, "--batch-size", 4, *extra).exit_code == 0
+        losses[name] = json.loads(open(out / "metrics.jsonl").readline())["loss"]
+    assert losses["dpo"] == pytest.approx(math.log(2), abs=1e-4)
+    assert abs(losses["free"] - math.log(2)) > 1e-3  # the raw log-prob gap is not zero
