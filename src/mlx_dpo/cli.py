@@ -5,6 +5,7 @@ Each command is thin: options -> config dataclass (command line > --config YAML 
 
 import dataclasses
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -120,6 +121,8 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.ClickException as error:
+        if debug and isinstance(error, UserError):
+            traceback.print_exc()
         error.show()
         sys.exit(error.exit_code)
     except click.Abort:

@@ -17,6 +17,8 @@ class PrecomputeConfig:
     tokens_per_batch: int = field(default=8192, metadata={"help": "Padded tokens per reference forward."})
     rows_per_shard: int = field(default=2048, metadata={"help": "Input rows per Parquet shard (the unit of resume)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a cache at --out made from other inputs."})
+    strict: bool = field(default=False, metadata={"help": "Fail if any row would be rejected, instead of skipping it into rejects.jsonl."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model directory's own Python code (custom tokenizer or model file) to run."})
 
     def __post_init__(self):
         if self.truncation_mode not in TRUNCATION_MODES:

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from ..errors import UserError
+from .validate import check_data_files
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Split names datasets infers from file names, mapped to the names the cache uses.
@@ -16,6 +17,8 @@ def load_splits(data: str) -> dict:
     from datasets.exceptions import DatasetNotFoundError
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()  # our error is one line; datasets would log its own first
+    check_data_files(data)
     path = Path(data)
     try:
         if path.is_file():

@@ -6,6 +6,7 @@ shard. Every input row ends in a shard or in the rejects file, with its reason.
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections import Counter
@@ -33,6 +34,7 @@ from ..schemas.manifest import MANIFEST_NAME
 from .config import PrecomputeConfig
 from .encode import RowRejected, check_fits, encode_row
 from .load import check_columns, find_eval_split, load_splits, pick_split
+from .lock import LOCK_NAME, cache_lock
 from .reference import score_rows
 from .write import completion_tokens, shard_identity, shard_info, write_jsonl_atomic, write_shard
 
@@ -72,9 +74,17 @@ def _check_existing(out: Path, identity: str, fields: dict, overwrite: bool) -> 
     if stale and not overwrite:
         raise UserError(f"{out}: holds partial shards of other inputs ({stale[0]}); use another --out or --overwrite")
     if overwrite and (stale or (out / MANIFEST_NAME).exists()):
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # first: from here on no reader takes it as complete
         for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if child.name != LOCK_NAME:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     return None
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Half-written files of a writer that died (we hold the lock, so no one else is writing)."""
+    for tmp in [*out.glob(".*.tmp*"), *out.glob("*/.*.tmp*")]:
+        tmp.unlink(missing_ok=True)
 
 
 def _shard_table(scored: list[dict], identity: str, fields: dict) -> pa.Table:
@@ -113,6 +123,7 @@ def _precompute_split(get_model, pad_id, encoded, split, out, cfg, identity, fie
             infos.append(shard_info(part, out))
         else:
             _score_into(rows, get_model(), pad_id, cfg, progress)
+            _check_finite(rows, split, cfg.model)
             part.parent.mkdir(parents=True, exist_ok=True)
             write_jsonl_atomic(chunk_rejects, rejects_part)  # before the shard, which marks completion
             infos.append(write_shard(_shard_table(rows, identity, fields), part, out))
@@ -121,11 +132,43 @@ def _precompute_split(get_model, pad_id, encoded, split, out, cfg, identity, fie
         rows_in=len(encoded),
         rows_cached=sum(s.rows for s in infos),
         rows_rejected=len(rejects),
-        rejected_by_reason=dict(Counter(r["reason"].split(" (")[0] for r in rejects)),
+        rejected_by_reason=dict(_reason_counts(r["reason"] for r in rejects)),
         completion_tokens=sum(completion_tokens(out / s.path) for s in infos),
         shards=infos,
     )
     return info, rejects
+
+
+def _check_finite(rows: list[dict], split: str, model: str) -> None:
+    """A NaN reference value would surface much later as a NaN loss; stop here instead."""
+    for row in rows:
+        for field in ("ref_chosen_logps", "ref_rejected_logps"):
+            values = row[field] if isinstance(row[field], list) else [row[field]]
+            if not all(math.isfinite(v) for v in values):
+                raise UserError(
+                    f"{model}: non-finite reference log-prob ({field} = {row[field]}) for {split} row "
+                    f"{row['index']}; the model's weights or dtype overflow (nothing was cached for this shard)"
+                )
+
+
+def _reason_counts(reasons) -> Counter:
+    return Counter(reason.split(" (")[0] for reason in reasons)  # "prompt fills max_length (40 >= 32)"
+
+
+def _format_reasons(counts: dict) -> str:
+    """'4 empty chosen, 2 chosen identical to rejected', most frequent first."""
+    return ", ".join(f"{n:,} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _check_strict(encoded: dict[str, list], data: str) -> None:
+    for split, rows in encoded.items():
+        rejected = [(i, r) for i, r in enumerate(rows) if isinstance(r, str)]
+        if rejected:
+            index, reason = rejected[0]
+            raise UserError(
+                f"{data} [{split}] row {index}: {reason} (--strict: {len(rejected):,} of {len(rows):,} rows "
+                f"would be rejected: {_format_reasons(_reason_counts(r for _, r in rejected))})"
+            )
 
 
 def _row_tokens(row: dict, max_length: int | None) -> int:
@@ -150,7 +193,7 @@ def precompute(cfg: PrecomputeConfig, log=print) -> Manifest:
             raise UserError(f"{cfg.data} [{name}]: the split has no rows")
 
     model_path = checked_model_path(cfg.model)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     fields = {
         "schema_version": SCHEMA_VERSION,
         "reference_weights": weights_hash(model_path),
@@ -165,17 +208,26 @@ def precompute(cfg: PrecomputeConfig, log=print) -> Manifest:
     }
     identity = identity_hash(fields)
     out.mkdir(parents=True, exist_ok=True)
+    with cache_lock(out):
+        return _build(cfg, out, identity, fields, sources, tokenizer, model_path, log)
+
+
+def _build(cfg, out, identity, fields, sources, tokenizer, model_path, log) -> Manifest:
+    """Everything that writes into `out`; runs under its lock."""
     if (existing := _check_existing(out, identity, fields, cfg.overwrite)) is not None:
         log(f"Reusing cache {out} (identity {identity[:12]}): same model, tokenizer, data and options; nothing to compute.")
         return existing
+    _remove_temp_files(out)
 
     encoded = {name: _encode_split(tokenizer, ds, cfg) for name, ds in sources.items()}
+    if cfg.strict:
+        _check_strict(encoded, cfg.data)
     total = sum(_row_tokens(r, cfg.max_length) for rows in encoded.values() for r in rows if isinstance(r, dict))
     model_box = []
 
     def get_model():  # loaded only if some shard still needs computing
         if not model_box:
-            model_box.append(load_model(model_path))
+            model_box.append(load_model(model_path, cfg.trust_remote_code))
         return model_box[0]
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -202,7 +254,7 @@ def precompute(cfg: PrecomputeConfig, log=print) -> Manifest:
 def _summary(manifest: Manifest, seconds: float) -> str:
     lines = []
     for name, s in manifest.splits.items():
-        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(s.rejected_by_reason.items()))
+        reasons = _format_reasons(s.rejected_by_reason)
         rejected = f"{s.rows_rejected:,} rejected" + (f": {reasons}" if reasons else "")
         lines.append(f"  {name}: {s.rows_in:,} rows: {s.rows_cached:,} cached, {rejected}")
     return f"Cache {manifest.identity[:12]} written in {seconds:.1f}s\n" + "\n".join(lines)
