@@ -1,0 +1,37 @@
+"""Commands that look at what is on disk, never at a model: `cache ls`, `cache inspect`, `report`."""
+
+from pathlib import Path
+
+import click
+
+from .cache_cmds import read_cache_manifest
+
+
+@click.command("ls")
+@click.argument("root", default=".", type=click.Path(exists=True, file_okay=False))
+def cache_ls(root):
+    """List the caches under ROOT (default: here): identity, reference model, rows, size, date."""
+    from .inspect_cache import list_caches
+
+    click.echo(list_caches(root))
+
+
+@click.command("inspect")
+@click.argument("cache_dir", metavar="CACHE", type=click.Path())
+def cache_inspect(cache_dir):
+    """Show what CACHE holds: identity, schema, rows per split, token-length percentiles, reference
+    log-prob distribution and rejected rows by reason."""
+    from .inspect_cache import inspect_cache
+
+    click.echo(inspect_cache(Path(cache_dir), read_cache_manifest(cache_dir)))
+
+
+@click.command()
+@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), help="Also plot the runs into this PNG (needs matplotlib).")
+def report(run_dirs, out):
+    """Compare runs: a table of the options that differ and the final metrics, and with --out a PNG of
+    loss, rewards/accuracies, rewards/margins and chosen/rejected rewards against step (train and eval)."""
+    from .report import report as run
+
+    run(list(run_dirs), out, log=click.echo)
