@@ -15,7 +15,9 @@ import yaml
 
 from . import __version__
 from .cache_cmds import cache
+from .cli_help import GroupedCommand, GroupedOption
 from .errors import UserError
+from .look_cmds import cache_inspect, cache_ls, report
 from .pipeline.config import PrecomputeConfig
 from .trainer.config import TrainConfig
 
@@ -27,8 +29,8 @@ def _click_type(annotation):
 
 
 def config_options(config_cls):
-    """One click option per dataclass field, help text from the field's metadata. Defaults are
-    left to the dataclass so we can tell which options the user actually gave."""
+    """One click option per dataclass field, help text and --help section from the field's metadata.
+    Defaults are left to the dataclass so we can tell which options the user actually gave."""
 
     def decorate(command):
         for f in reversed(dataclasses.fields(config_cls)):
@@ -37,13 +39,29 @@ def config_options(config_cls):
             required = f.default is dataclasses.MISSING
             default = "" if required else f" [default: {f.default}]"
             help_text = f.metadata.get("help", "") + (" [required]" if required else default)
+            shared = dict(default=None, help=help_text, cls=GroupedOption, group=f.metadata.get("group"))
             if kind is bool:
-                command = click.option(flag, f.name, is_flag=True, default=None, help=help_text)(command)
+                command = click.option(flag, f.name, is_flag=True, **shared)(command)
             else:
-                command = click.option(flag, f.name, type=kind, default=None, help=help_text)(command)
+                command = click.option(flag, f.name, type=kind, **shared)(command)
         return command
 
     return decorate
+
+
+def _file_value(f: dataclasses.Field, value, where: str):
+    """A YAML value as its field's type, as on the command line: YAML reads 1e-5 (no dot) as a string."""
+    kind = _click_type(f.type)
+    if value is None or type(value) is kind:
+        return value
+    if kind in (float, str) and type(value) in (int, float):  # 1 for 1.0; a number where text is expected
+        return kind(value)
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise UserError(f"{where}: expected {kind.__name__}, got {value!r}")
 
 
 def build_config(config_cls, cli_values: dict, config_file: str | None):
@@ -56,12 +74,12 @@ def build_config(config_cls, cli_values: dict, config_file: str | None):
             raise UserError(f"{config_file}: cannot read config ({error})") from error
         if not isinstance(loaded, dict):
             raise UserError(f"{config_file}: a config must be a mapping of option: value")
-        names = {f.name for f in dataclasses.fields(config_cls)}
+        fields = {f.name: f for f in dataclasses.fields(config_cls)}
         for key, value in loaded.items():
             name = key.replace("-", "_")
-            if name not in names:
+            if name not in fields:
                 raise UserError(f"{config_file}: unknown option {key!r}")
-            values[name] = value
+            values[name] = _file_value(fields[name], value, f"{config_file}: {key}")
     values.update({k: v for k, v in cli_values.items() if v is not None})
     missing = [f.name for f in dataclasses.fields(config_cls)
                if f.default is dataclasses.MISSING and f.name not in values]
@@ -82,7 +100,7 @@ def cli(debug):
     """
 
 
-@cli.command()
+@cli.command(cls=GroupedCommand)
 @config_options(PrecomputeConfig)
 @click.option("--config", "config_file", type=click.Path(), help="YAML file of options (command line wins).")
 def precompute(config_file, **options):
@@ -97,10 +115,11 @@ def precompute(config_file, **options):
     run(build_config(PrecomputeConfig, options, config_file), log=click.echo)
 
 
-@cli.command()
+@cli.command(cls=GroupedCommand)
 @config_options(TrainConfig)
 @click.option("--config", "config_file", type=click.Path(), help="YAML file of options (command line wins).")
-@click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier run in --output.")
+@click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier run in --output.",
+              cls=GroupedOption, group="Output")
 def train(config_file, overwrite, **options):
     """Train a policy with DPO against a reference cache (the reference model is never loaded).
 
@@ -113,6 +132,9 @@ def train(config_file, overwrite, **options):
 
 
 cli.add_command(cache)
+cache.add_command(cache_ls)
+cache.add_command(cache_inspect)
+cli.add_command(report)
 
 
 def main() -> None:

@@ -8,17 +8,17 @@ from ..schemas.sequence import TRUNCATION_MODES
 
 @dataclass(frozen=True)
 class PrecomputeConfig:
-    model: str = field(metadata={"help": "Reference model: local directory or Hugging Face id."})
-    data: str = field(metadata={"help": "Preference data: .jsonl/.json/.parquet/.csv file, folder with train/valid files, or hub id."})
-    out: str = field(metadata={"help": "Cache directory to write (manifest.json + <split>/part-NNNNN.parquet)."})
-    split: str = field(default="train", metadata={"help": "Data split to train on."})
-    max_length: int | None = field(default=1024, metadata={"help": "Max tokens of prompt+completion (TRL's max_length)."})
-    truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start or keep_end, as TRL."})
-    tokens_per_batch: int = field(default=8192, metadata={"help": "Padded tokens per reference forward."})
-    rows_per_shard: int = field(default=2048, metadata={"help": "Input rows per Parquet shard (the unit of resume)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a cache at --out made from other inputs."})
-    strict: bool = field(default=False, metadata={"help": "Fail if any row would be rejected, instead of skipping it into rejects.jsonl."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model directory's own Python code (custom tokenizer or model file) to run."})
+    model: str = field(metadata={"group": "Model", "help": "Reference model: local directory or Hugging Face id."})
+    data: str = field(metadata={"group": "Data", "help": "Preference data: .jsonl/.json/.parquet/.csv file, folder with train/valid files, or hub id."})
+    out: str = field(metadata={"group": "Output", "help": "Cache directory to write (manifest.json + <split>/part-NNNNN.parquet)."})
+    split: str = field(default="train", metadata={"group": "Data", "help": "Data split to train on."})
+    max_length: int | None = field(default=1024, metadata={"group": "Tokenization", "help": "Max tokens of prompt+completion (TRL's max_length)."})
+    truncation_mode: str = field(default="keep_start", metadata={"group": "Tokenization", "help": "keep_start or keep_end, as TRL."})
+    tokens_per_batch: int = field(default=8192, metadata={"group": "Model", "help": "Padded tokens per reference forward."})
+    rows_per_shard: int = field(default=2048, metadata={"group": "Output", "help": "Input rows per Parquet shard (the unit of resume)."})
+    overwrite: bool = field(default=False, metadata={"group": "Output", "help": "Replace a cache at --out made from other inputs."})
+    strict: bool = field(default=False, metadata={"group": "Data", "help": "Fail if any row would be rejected, instead of skipping it into rejects.jsonl."})
+    trust_remote_code: bool = field(default=False, metadata={"group": "Model", "help": "Allow the model directory's own Python code (custom tokenizer or model file) to run."})
 
     def __post_init__(self):
         if self.truncation_mode not in TRUNCATION_MODES:
