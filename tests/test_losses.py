@@ -136,3 +136,14 @@ def test_train_config_knows_every_loss():
     from mlx_dpo.trainer.config import LOSS_TYPES
 
     assert set(LOSS_TYPES) == set(LOSSES)
+
+
+def test_pairwise_mean_equals_k_separate_pairs():
+    policy_chosen = mx.array([-2.0, -4.0])
+    policy_rejected = mx.array([[-3.0, -1.0, -2.5], [-4.5, -6.0, -3.0]])
+    ref_chosen = mx.array([-2.2, -3.9])
+    ref_rejected = mx.array([[-2.9, -1.5, -2.0], [-4.0, -5.5, -3.3]])
+    together = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.3)
+    separate = sum(preference_loss(policy_chosen, policy_rejected[:, k], ref_chosen, ref_rejected[:, k], beta=0.3)
+                   for k in range(3)) / 3
+    assert together.tolist() == pytest.approx(separate.tolist(), abs=1e-6)

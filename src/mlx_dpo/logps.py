@@ -10,6 +10,12 @@ from .schemas.sequence import truncate_sequence
 _CHUNK_POSITIONS = 1024
 
 
+def rejected_per_row(row: dict) -> list[list[int]]:
+    """A row's rejected id lists: one, or K when the cache holds several rejected answers."""
+    ids = row["rejected_ids"]
+    return ids if ids and isinstance(ids[0], list) else [ids]
+
+
 def collate_pairs(
     rows: list[dict],
     max_length: int | None,
@@ -17,18 +23,21 @@ def collate_pairs(
     pad_id: int,
     pad_to_multiple: int = 8,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stack prompt+chosen rows then prompt+rejected rows, right-padded.
+    """Stack prompt+chosen rows, then prompt+rejected rows, right-padded.
 
-    Returns `input_ids` and `completion_mask`, both int32 of shape (2B, T): rows 0..B-1 are the
-    chosen sequences, rows B..2B-1 the rejected ones (TRL's layout). Example, one row with prompt
-    [5, 6], chosen [7], rejected [8, 9], pad 0, pad_to_multiple 1:
+    Returns `input_ids` and `completion_mask`, both int32 of shape ((1+K)B, T): rows 0..B-1 are
+    the chosen sequences, then B rows per rejected answer k (TRL's layout at K = 1). Example, one
+    row with prompt [5, 6], chosen [7], rejected [8, 9], pad 0, pad_to_multiple 1:
         input_ids       [[5, 6, 7, 0], [5, 6, 8, 9]]
         completion_mask [[0, 0, 1, 0], [0, 0, 1, 1]]
     """
+    several = [rejected_per_row(row) for row in rows]
+    completions = [[row["chosen_ids"] for row in rows]]
+    completions += [[answers[k] for answers in several] for k in range(len(several[0]))]
     sequences = [
-        truncate_sequence(row["prompt_ids"], row[key], max_length, truncation_mode)
-        for key in ("chosen_ids", "rejected_ids")
-        for row in rows
+        truncate_sequence(row["prompt_ids"], completion, max_length, truncation_mode)
+        for block in completions
+        for row, completion in zip(rows, block)
     ]
     width = max(len(ids) for ids, _ in sequences)
     width = -(-width // pad_to_multiple) * pad_to_multiple
@@ -38,6 +47,14 @@ def collate_pairs(
         input_ids[i, : len(ids)] = ids
         completion_mask[i, : len(mask)] = mask
     return input_ids, completion_mask
+
+
+def split_chosen_rejected(values, pairs: int, several: bool):
+    """((1+K)B,) values in collate_pairs order -> chosen (B,), rejected (B,) or (B, K)."""
+    chosen, rejected = values[:pairs], values[pairs:]
+    if several:
+        rejected = rejected.reshape(-1, pairs).T  # (K, B) -> (B, K)
+    return chosen, rejected
 
 
 def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
@@ -60,15 +77,33 @@ def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     return picked - normaliser
 
 
-def sequence_logps(model, input_ids: mx.array, completion_mask: mx.array) -> tuple[mx.array, mx.array]:
+def sequence_logps(
+    model, input_ids: mx.array, completion_mask: mx.array, shared_lengths: mx.array | None = None
+) -> tuple[mx.array, ...]:
     """Sum of log p(token | prefix) over completion tokens, per sequence.
 
     input_ids, completion_mask: (N, T). Token t is predicted from logits at t-1, so the mask is
     shifted by one and position 0 is never scored. Right padding needs no attention mask: under a
     causal mask, pads only come after the real tokens. Returns (logps (N,), token counts (N,)).
+    With `shared_lengths` (N,), also the sum over completion tokens past the first
+    shared_lengths ones (the "tail" of LD-DPO, Liu et al. 2024).
     """
     logits = model(input_ids[:, :-1])  # (N, T-1, V)
     targets = input_ids[:, 1:]
     mask = completion_mask[:, 1:].astype(mx.float32)
-    per_token = token_logps(logits, targets)  # (N, T-1)
-    return (per_token * mask).sum(axis=-1), mask.sum(axis=-1)
+    per_token = token_logps(logits, targets) * mask  # (N, T-1)
+    sums, counts = per_token.sum(axis=-1), mask.sum(axis=-1)
+    if shared_lengths is None:
+        return sums, counts
+    position = mx.cumsum(mask, axis=-1)  # 1, 2, ... along each completion
+    tail = (per_token * (position > shared_lengths[:, None])).sum(axis=-1)
+    return sums, counts, tail
+
+
+def shared_lengths(completion_mask, pairs: int):
+    """LD-DPO's shared length of each (chosen, rejected) pair, for every row of a K = 1 batch:
+    min(scored chosen tokens, scored rejected tokens), repeated for the chosen and rejected halves."""
+    counts = completion_mask[:, 1:].sum(axis=-1)
+    shared = mx.minimum(counts[:pairs], counts[pairs:]) if isinstance(counts, mx.array) else \
+        np.minimum(counts[:pairs], counts[pairs:])
+    return mx.concatenate([mx.array(shared)] * 2)

@@ -51,7 +51,7 @@ CASES = [
 ]
 
 
-def run_trl(model_dir: Path, data_path: Path, max_length, truncation_mode, output_dir: Path) -> dict[int, dict]:
+def run_trl(model_dir: Path, data_path: Path, max_length, truncation_mode, output_dir: Path, ld_alpha=None) -> dict[int, dict]:
     """TRL's precompute on the torch model; {input row index: ids, ref logps, tokens scored}."""
     import torch
     from datasets import Dataset
@@ -77,6 +77,7 @@ def run_trl(model_dir: Path, data_path: Path, max_length, truncation_mode, outpu
             gradient_checkpointing=False,
             dataloader_num_workers=0,
             save_strategy="no",
+            ld_alpha=ld_alpha,
         )
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     out = {}
@@ -195,3 +196,17 @@ def test_reference_logps_match_trl(
                 problems.append(f"row {i} {name}: ours {got[name]} != TRL's scored tokens {expected[name]}")
     print(f"max |ours - TRL| ref logps: {max_diff:.3e} over {len(trl)} rows ({n_shards} shards)")
     assert not problems, "differences from TRL:\n" + "\n".join(problems)
+
+
+def test_ld_dpo_reference_matches_trl(tiny_model_dir, standard_data, tmp_path):
+    """TRL's LD-DPO reference value is shared + α·tail; ours is the cached sum - (1 - α)·tail."""
+    alpha = 0.3
+    trl = run_trl(tiny_model_dir, standard_data, None, "keep_start", tmp_path / "trl", ld_alpha=alpha)
+    ours, *_ = run_ours(tiny_model_dir, standard_data, None, "keep_start", tmp_path / "ours")
+    differing = 0
+    for index, row in trl.items():
+        for side in ("chosen", "rejected"):
+            mine = ours[index][f"ref_{side}_logps"] - (1 - alpha) * ours[index][f"ref_{side}_tail_logps"]
+            assert mine == pytest.approx(row[f"ref_{side}_logps"], abs=2e-3), (index, side)
+            differing += abs(ours[index][f"ref_{side}_tail_logps"]) > 1e-3
+    assert differing >= 5  # the data has answers of different lengths, so tails are not all zero

@@ -35,6 +35,7 @@ def shared(tiny_model_dir, tmp_path_factory):
     ["--f-divergence-type", "js_divergence"],
     ["--f-divergence-type", "alpha_divergence", "--f-alpha-divergence-coef", "0.5"],
     ["--loss-type", "robust", "--label-smoothing", "0.2"],
+    ["--ld-alpha", "0.5"],
 ], ids=lambda extra: "-".join(a.strip("-") for a in extra))
 def test_trains_from_the_shared_cache(shared, tiny_model_dir, extra):
     root, _ = shared
@@ -49,13 +50,14 @@ def test_trains_from_the_shared_cache(shared, tiny_model_dir, extra):
     shutil.rmtree(out)
 
 
-def test_sigmoid_step0_is_ln2_but_reference_free_is_not(shared, tiny_model_dir):
+def test_step0_is_ln2_with_and_without_ld_but_not_reference_free(shared, tiny_model_dir):
     root, _ = shared
     losses = {}
-    for name, extra in (("dpo", []), ("free", ["--reference-free"])):
+    for name, extra in (("dpo", []), ("ld", ["--ld-alpha", "0.3"]), ("free", ["--reference-free"])):
         out = root / f"step0-{name}"
         assert run("train", "--cache", root / "cache", "--model", tiny_model_dir, "--output", out,
                    "--iters", 1, "--batch-size", 4, *extra).exit_code == 0
         losses[name] = json.loads(open(out / "metrics.jsonl").readline())["loss"]
     assert losses["dpo"] == pytest.approx(math.log(2), abs=1e-4)
+    assert losses["ld"] == pytest.approx(math.log(2), abs=1e-4)  # policy LD sums equal the cached reference's
     assert abs(losses["free"] - math.log(2)) > 1e-3  # the raw log-prob gap is not zero

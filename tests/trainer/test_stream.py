@@ -16,7 +16,8 @@ def _rows(start, n):
     return [
         {"index": i, "prompt_ids": [100 + i], "chosen_ids": [7] * (i % 3 + 1), "rejected_ids": [8],
          "ref_chosen_logps": -float(i), "ref_rejected_logps": -float(i) - 0.5,
-         "n_chosen_tokens": i % 3 + 1, "n_rejected_tokens": 1}
+         "n_chosen_tokens": i % 3 + 1, "n_rejected_tokens": 1,
+         "ref_chosen_tail_logps": 0.0, "ref_rejected_tail_logps": 0.0}
         for i in range(start, start + n)
     ]
 

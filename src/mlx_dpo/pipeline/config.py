@@ -12,6 +12,11 @@ class PrecomputeConfig:
     data: str = field(metadata={"group": "Data", "help": "Preference data: .jsonl/.json/.parquet/.csv file, folder with train/valid files, or hub id."})
     out: str = field(metadata={"group": "Output", "help": "Cache directory to write (manifest.json + <split>/part-NNNNN.parquet)."})
     split: str = field(default="train", metadata={"group": "Data", "help": "Data split to train on."})
+    valid_fraction: float = field(default=0.0, metadata={"group": "Data", "help": "Hold out this fraction of --split (a fixed, seeded choice) as the valid split, when the data has none."})
+    prompt_field: str = field(default="prompt", metadata={"group": "Data", "help": "Prompt column; when absent, the prompt is the common prefix of chosen and rejected (TRL's implicit prompt)."})
+    chosen_field: str = field(default="chosen", metadata={"group": "Data", "help": "Chosen-answer column."})
+    rejected_field: str = field(default="rejected", metadata={"group": "Data", "help": "Rejected-answer column: one answer, or a list of K answers per prompt."})
+    system_field: str = field(default="system", metadata={"group": "Data", "help": "Optional system-prompt column (a system message for conversational prompts)."})
     max_length: int | None = field(default=1024, metadata={"group": "Tokenization", "help": "Max tokens of prompt+completion (TRL's max_length)."})
     truncation_mode: str = field(default="keep_start", metadata={"group": "Tokenization", "help": "keep_start or keep_end, as TRL."})
     tokens_per_batch: int = field(default=8192, metadata={"group": "Model", "help": "Padded tokens per reference forward."})
@@ -25,6 +30,8 @@ class PrecomputeConfig:
             raise UserError(f"--truncation-mode must be one of {', '.join(TRUNCATION_MODES)}, got {self.truncation_mode!r}")
         if self.max_length is not None and self.max_length < 2:
             raise UserError(f"--max-length must be at least 2, got {self.max_length}")
+        if not 0 <= self.valid_fraction < 1:
+            raise UserError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
         for name in ("tokens_per_batch", "rows_per_shard"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -52,40 +52,67 @@ def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> l
     return list(out["input_ids"])
 
 
+def is_several(rejected) -> bool:
+    """A list of K answers (strings or message lists), as opposed to one answer or one message list."""
+    return (
+        isinstance(rejected, list)
+        and len(rejected) > 0
+        and not is_conversational(rejected)
+        and all(isinstance(r, str) or is_conversational(r) for r in rejected)
+    )
+
+
+def _completion_ids(tokenizer, prompt, completion) -> list[int]:
+    """Token ids of prompt + completion, the way TRL forms them."""
+    if is_conversational(prompt):
+        if not is_conversational(completion):
+            raise RowRejected("prompt is a message list but a completion is not")
+        return _chat_ids(tokenizer, prompt + completion, add_generation_prompt=False)
+    if not isinstance(completion, str):
+        raise RowRejected("prompt is a string but a completion is a message list")
+    eos = tokenizer.eos_token
+    return list(tokenizer(prompt + (completion if completion.endswith(eos) else completion + eos))["input_ids"])
+
+
 def encode_row(tokenizer, row: dict) -> Encoded:
-    """Token ids for one {prompt, chosen, rejected} row (TRL's convention, see module docstring)."""
-    for field in ("prompt", "chosen", "rejected"):
+    """Token ids for one {prompt, chosen, rejected} row (TRL's convention, see module docstring).
+    With K rejected answers, rejected_ids is a list of K id lists sharing one prompt."""
+    several = is_several(row["rejected"])
+    for field in ("prompt", "chosen") + (() if several else ("rejected",)):
         _check_text(row, field)
-    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    if chosen == rejected:
+    rejected_list = row["rejected"] if several else [row["rejected"]]
+    for answer in rejected_list if several else ():
+        _check_text({"rejected": answer}, "rejected")
+    prompt, chosen = row["prompt"], row["chosen"]
+    if chosen in rejected_list:
         raise RowRejected("chosen identical to rejected")
     if is_conversational(prompt):
-        if not (is_conversational(chosen) and is_conversational(rejected)):
-            raise RowRejected("prompt is a message list but chosen/rejected are not")
         prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
-        prompt_chosen = _chat_ids(tokenizer, prompt + chosen, add_generation_prompt=False)
-        prompt_rejected = _chat_ids(tokenizer, prompt + rejected, add_generation_prompt=False)
     else:
-        if not (isinstance(chosen, str) and isinstance(rejected, str)):
-            raise RowRejected("prompt is a string but chosen/rejected are message lists")
-        eos = tokenizer.eos_token
-        chosen = chosen if chosen.endswith(eos) else chosen + eos
-        rejected = rejected if rejected.endswith(eos) else rejected + eos
         prompt_ids = list(tokenizer(prompt)["input_ids"])
-        prompt_chosen = list(tokenizer(prompt + chosen)["input_ids"])
-        prompt_rejected = list(tokenizer(prompt + rejected)["input_ids"])
+    prompt_chosen = _completion_ids(tokenizer, prompt, chosen)
+    prompt_rejected = [_completion_ids(tokenizer, prompt, answer) for answer in rejected_list]
 
-    start = min(common_prefix_length(prompt_ids, prompt_chosen), common_prefix_length(prompt_ids, prompt_rejected))
-    encoded = Encoded(prompt_ids[:start], prompt_chosen[start:], prompt_rejected[start:])
-    if not encoded.chosen_ids or not encoded.rejected_ids:
+    # The completion starts where the prompt alone and prompt+completion diverge (for all answers).
+    start = min(common_prefix_length(prompt_ids, ids) for ids in [prompt_chosen, *prompt_rejected])
+    rejected_ids = [ids[start:] for ids in prompt_rejected]
+    encoded = Encoded(prompt_ids[:start], prompt_chosen[start:], rejected_ids if several else rejected_ids[0])
+    if not encoded.chosen_ids or not all(rejected_ids):
         raise RowRejected("completion is empty after tokenization")
     return encoded
+
+
+def rejected_lists(encoded_or_row) -> list[list[int]]:
+    """The rejected id lists of a row, whether it holds one rejected answer or K."""
+    ids = encoded_or_row["rejected_ids"] if isinstance(encoded_or_row, dict) else encoded_or_row.rejected_ids
+    return ids if ids and isinstance(ids[0], list) else [ids]
 
 
 def check_fits(encoded: Encoded, max_length: int | None, truncation_mode: str) -> None:
     """TRL drops rows whose prompt fills max_length under keep_start (no completion token left)."""
     if max_length is not None and truncation_mode == "keep_start" and len(encoded.prompt_ids) >= max_length:
         raise RowRejected(f"prompt fills max_length ({len(encoded.prompt_ids)} >= {max_length} tokens)")
-    if not encoded.prompt_ids and min(len(encoded.chosen_ids), len(encoded.rejected_ids)) < 2:
+    shortest = min(len(ids) for ids in [encoded.chosen_ids, *rejected_lists(encoded)])
+    if not encoded.prompt_ids and shortest < 2:
         # Position 0 has no context, so a one-token completion with no prompt scores nothing.
         raise RowRejected("no completion token left to score")

@@ -4,8 +4,6 @@ Shards cover fixed ranges of input rows, so an interrupted run resumes from the 
 shard. Every input row ends in a shard or in the rejects file, with its reason.
 """
 
-import hashlib
-import json
 import math
 import shutil
 import time
@@ -32,33 +30,12 @@ from ..schemas import (
 )
 from ..schemas.manifest import MANIFEST_NAME
 from .config import PrecomputeConfig
-from .encode import RowRejected, check_fits, encode_row
-from .load import check_columns, find_eval_split, load_splits, pick_split
+from .encode import rejected_lists
+from .load import load_splits
 from .lock import LOCK_NAME, cache_lock
 from .reference import score_rows
+from .sources import EVAL_CACHE_SPLIT, encode_source, rows_hash, select_sources, settle_rejected_count
 from .write import completion_tokens, shard_identity, shard_info, write_jsonl_atomic, write_shard
-
-EVAL_CACHE_SPLIT = "valid"
-
-
-def _rows_hash(dataset) -> str:
-    digest = hashlib.sha256()
-    for row in dataset:
-        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
-    return digest.hexdigest()
-
-
-def _encode_split(tokenizer, dataset, cfg: PrecomputeConfig) -> list[dict | str]:
-    """Per input row: the encoded row dict, or the reason it was rejected (a string)."""
-    out = []
-    for index, row in enumerate(dataset):
-        try:
-            encoded = encode_row(tokenizer, row)
-            check_fits(encoded, cfg.max_length, cfg.truncation_mode)
-            out.append({"index": index, **vars(encoded)})
-        except RowRejected as reason:
-            out.append(str(reason))
-    return out
 
 
 def _check_existing(out: Path, identity: str, fields: dict, overwrite: bool) -> Manifest | None:
@@ -87,27 +64,24 @@ def _remove_temp_files(out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _shard_table(scored: list[dict], identity: str, fields: dict) -> pa.Table:
-    schema = ref_logps_schema(identity, fields)
+def _shard_table(scored: list[dict], identity: str, fields: dict, rejected_per_prompt: int) -> pa.Table:
+    schema = ref_logps_schema(identity, fields, rejected_per_prompt)
     columns = {f.name: [row[f.name] for row in scored] for f in schema}
     return pa.table(columns, schema=schema)
 
 
 def _score_into(rows: list[dict], model, pad_id: int, cfg: PrecomputeConfig, progress) -> None:
     """Add the reference columns to each encoded row, in place."""
-    for batch, chosen, rejected, n_chosen, n_rejected in score_rows(
+    for batch, columns in score_rows(
         model, rows, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode,
         pad_id=pad_id, tokens_per_batch=cfg.tokens_per_batch,
     ):
         for j, i in enumerate(batch):
-            rows[i].update(
-                ref_chosen_logps=float(chosen[j]), ref_rejected_logps=float(rejected[j]),
-                n_chosen_tokens=int(n_chosen[j]), n_rejected_tokens=int(n_rejected[j]),
-            )
+            rows[i].update({name: values[j].tolist() for name, values in columns.items()})
         progress.update(sum(_row_tokens(rows[i], cfg.max_length) for i in batch))
 
 
-def _precompute_split(get_model, pad_id, encoded, split, out, cfg, identity, fields, progress):
+def _precompute_split(get_model, pad_id, encoded, split, out, cfg, identity, fields, progress, rejected_per_prompt):
     """Write one split's shards (skipping complete ones); returns (SplitInfo, reject records)."""
     rejects, infos = [], []
     for shard_no, start in enumerate(range(0, max(len(encoded), 1), cfg.rows_per_shard)):
@@ -126,7 +100,7 @@ def _precompute_split(get_model, pad_id, encoded, split, out, cfg, identity, fie
             _check_finite(rows, split, cfg.model)
             part.parent.mkdir(parents=True, exist_ok=True)
             write_jsonl_atomic(chunk_rejects, rejects_part)  # before the shard, which marks completion
-            infos.append(write_shard(_shard_table(rows, identity, fields), part, out))
+            infos.append(write_shard(_shard_table(rows, identity, fields, rejected_per_prompt), part, out))
         rejects += chunk_rejects
     info = SplitInfo(
         rows_in=len(encoded),
@@ -172,25 +146,15 @@ def _check_strict(encoded: dict[str, list], data: str) -> None:
 
 
 def _row_tokens(row: dict, max_length: int | None) -> int:
-    """Tokens the reference forward processes for a row (both sequences, after truncation)."""
-    chosen = len(row["prompt_ids"]) + len(row["chosen_ids"])
-    rejected = len(row["prompt_ids"]) + len(row["rejected_ids"])
-    if max_length is not None:
-        chosen, rejected = min(chosen, max_length), min(rejected, max_length)
-    return chosen + rejected
+    """Tokens the reference forward processes for a row (all 1+K sequences, after truncation)."""
+    lengths = [len(row["prompt_ids"]) + len(ids) for ids in [row["chosen_ids"], *rejected_lists(row)]]
+    return sum(lengths if max_length is None else [min(n, max_length) for n in lengths])
 
 
 def precompute(cfg: PrecomputeConfig, log=print) -> Manifest:
     """Build (or reuse, or resume) the reference cache described by `cfg`; returns its manifest."""
     out = Path(cfg.out)
-    splits = load_splits(cfg.data)
-    sources = {"train": pick_split(splits, cfg.split, cfg.data)}
-    if (eval_name := find_eval_split(splits, cfg.split)) is not None:
-        sources[EVAL_CACHE_SPLIT] = splits[eval_name]
-    for name, dataset in sources.items():
-        check_columns(dataset, cfg.data, name)
-        if len(dataset) == 0:
-            raise UserError(f"{cfg.data} [{name}]: the split has no rows")
+    sources, eval_name = select_sources(load_splits(cfg.data), cfg)
 
     model_path = checked_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
@@ -198,12 +162,13 @@ def precompute(cfg: PrecomputeConfig, log=print) -> Manifest:
         "schema_version": SCHEMA_VERSION,
         "reference_weights": weights_hash(model_path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "data": {name: _rows_hash(ds) for name, ds in sources.items()},
+        "data": {name: rows_hash(source) for name, source in sources.items()},
         "options": {
             "max_length": cfg.max_length,
             "truncation_mode": cfg.truncation_mode,
             "splits": {"train": cfg.split, EVAL_CACHE_SPLIT: eval_name},
-            "fields": ["prompt", "chosen", "rejected"],
+            "valid_fraction": cfg.valid_fraction if eval_name is None else 0.0,
+            "fields": [cfg.prompt_field, cfg.chosen_field, cfg.rejected_field, cfg.system_field],
         },
     }
     identity = identity_hash(fields)
@@ -219,7 +184,8 @@ def _build(cfg, out, identity, fields, sources, tokenizer, model_path, log) -> M
         return existing
     _remove_temp_files(out)
 
-    encoded = {name: _encode_split(tokenizer, ds, cfg) for name, ds in sources.items()}
+    encoded = {name: encode_source(tokenizer, source, cfg) for name, source in sources.items()}
+    rejected_per_prompt = settle_rejected_count(encoded)
     if cfg.strict:
         _check_strict(encoded, cfg.data)
     total = sum(_row_tokens(r, cfg.max_length) for rows in encoded.values() for r in rows if isinstance(r, dict))
@@ -236,14 +202,14 @@ def _build(cfg, out, identity, fields, sources, tokenizer, model_path, log) -> M
     with tqdm(total=total, unit="tok", unit_scale=True, desc="reference log-probs", smoothing=0.1) as progress:
         for name, rows in encoded.items():
             infos[name], split_rejects = _precompute_split(
-                get_model, pad_id, rows, name, out, cfg, identity, fields, progress
+                get_model, pad_id, rows, name, out, cfg, identity, fields, progress, rejected_per_prompt
             )
             rejects += split_rejects
     write_jsonl_atomic(rejects, out / "rejects.jsonl")
     manifest = Manifest(
         schema_version=SCHEMA_VERSION, identity=identity, identity_fields=fields,
         reference_model=cfg.model, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode,
-        splits=infos, rejects_file="rejects.jsonl",
+        splits=infos, rejects_file="rejects.jsonl", rejected_per_prompt=rejected_per_prompt,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), mlx_dpo_version=__version__,
     )
     write_json_atomic(out / MANIFEST_NAME, manifest.to_json())  # last: marks the cache complete

@@ -5,18 +5,18 @@ from collections.abc import Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..logps import collate_pairs, sequence_logps
+from ..logps import collate_pairs, rejected_per_row, sequence_logps, shared_lengths, split_chosen_rejected
 
 
-def length_sorted_batches(lengths: list[int], tokens_per_batch: int) -> list[list[int]]:
-    """Positions grouped so each batch's padded size (2 sequences per pair x longest) stays
+def length_sorted_batches(lengths: list[int], tokens_per_batch: int, sequences_per_row: int = 2) -> list[list[int]]:
+    """Positions grouped so each batch's padded size (1+K sequences per row x longest) stays
     within `tokens_per_batch`. Sorting by length first keeps padding small."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batches, current = [], []
     for i in order:
         # The first row of a batch is its longest, so it fixes the padded width.
         width = lengths[current[0]] if current else lengths[i]
-        if current and 2 * width * (len(current) + 1) > tokens_per_batch:
+        if current and sequences_per_row * width * (len(current) + 1) > tokens_per_batch:
             batches.append(current)
             current = []
         current.append(i)
@@ -33,19 +33,27 @@ def score_rows(
     truncation_mode: str,
     pad_id: int,
     tokens_per_batch: int,
-) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield (positions in `rows`, chosen logps, rejected logps, chosen counts, rejected counts)."""
-    lengths = [
-        len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows
-    ]
+) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
+    """Yield (positions in `rows`, {cache column: values}): ref_chosen_logps (B,),
+    ref_rejected_logps (B,) or (B, K), their token counts, and with K = 1 the LD-DPO tail sums."""
+    lengths = [len(r["prompt_ids"]) + max(map(len, [r["chosen_ids"], *rejected_per_row(r)])) for r in rows]
+    several = bool(rows) and isinstance(rows[0]["rejected_ids"][0], list)
+    sequences_per_row = 1 + (len(rows[0]["rejected_ids"]) if several else 1)
     if max_length is not None:
         lengths = [min(n, max_length) for n in lengths]
-    for batch in length_sorted_batches(lengths, tokens_per_batch):
+    for batch in length_sorted_batches(lengths, tokens_per_batch, sequences_per_row):
         input_ids, completion_mask = collate_pairs(
             [rows[i] for i in batch], max_length, truncation_mode, pad_id
         )
-        logps, counts = sequence_logps(model, mx.array(input_ids), mx.array(completion_mask))
-        mx.eval(logps, counts)
-        logps, counts = np.array(logps), np.array(counts).astype(np.int32)
-        n = len(batch)  # (2B,) -> chosen half, rejected half
-        yield batch, logps[:n], logps[n:], counts[:n], counts[n:]
+        mask = mx.array(completion_mask)
+        shared = None if several else shared_lengths(mask, len(batch))
+        outputs = sequence_logps(model, mx.array(input_ids), mask, shared)
+        mx.eval(outputs)
+        names = ["logps", "tokens", "tail_logps"]
+        columns = {}
+        for name, values in zip(names, outputs):
+            values = np.array(values).astype(np.int32 if name == "tokens" else np.float32)
+            chosen, rejected = split_chosen_rejected(values, len(batch), several)
+            prefix = ("n_{}_tokens" if name == "tokens" else "ref_{}_" + name)
+            columns[prefix.format("chosen")], columns[prefix.format("rejected")] = chosen, rejected
+        yield batch, columns

@@ -31,7 +31,9 @@ def shard_info(path: Path, cache_dir: Path) -> ShardInfo:
 
 def completion_tokens(path: Path) -> int:
     table = pq.read_table(path, columns=["n_chosen_tokens", "n_rejected_tokens"])
-    return sum(pa.compute.sum(table[c]).as_py() or 0 for c in table.column_names)
+    columns = [pa.compute.list_flatten(table[c]) if pa.types.is_list(table[c].type) else table[c]
+               for c in table.column_names]  # K rejected: lists of counts
+    return sum(pa.compute.sum(column).as_py() or 0 for column in columns)
 
 
 def write_jsonl_atomic(records: list[dict], path: Path) -> None:

@@ -19,14 +19,32 @@ REF_LOGPS_FIELDS = [
     pa.field("ref_rejected_logps", pa.float32(), nullable=False),
     pa.field("n_chosen_tokens", pa.int32(), nullable=False),
     pa.field("n_rejected_tokens", pa.int32(), nullable=False),
+    # LD-DPO: the part of each sum past the shorter completion's length (K = 1 caches only).
+    pa.field("ref_chosen_tail_logps", pa.float32(), nullable=False),
+    pa.field("ref_rejected_tail_logps", pa.float32(), nullable=False),
 ]
+LD_COLUMNS = ("ref_chosen_tail_logps", "ref_rejected_tail_logps")
 
 
-def ref_logps_schema(identity: str | None = None, identity_fields: dict | None = None) -> pa.Schema:
-    """The shard schema, with the cache identity in its file-level metadata."""
+# With K rejected answers per prompt these columns hold one value per answer.
+SEVERAL_REJECTED_TYPES = {
+    "rejected_ids": pa.list_(_TOKEN_LIST),
+    "ref_rejected_logps": pa.list_(pa.float32()),
+    "n_rejected_tokens": pa.list_(pa.int32()),
+}
+
+
+def ref_logps_schema(identity: str | None = None, identity_fields: dict | None = None,
+                     rejected_per_prompt: int = 1) -> pa.Schema:
+    """The shard schema, with the cache identity in its file-level metadata. With
+    rejected_per_prompt K > 1 the rejected columns are lists of K values per row."""
     metadata = {"mlx_dpo.schema_version": str(SCHEMA_VERSION)}
     if identity is not None:
         metadata["mlx_dpo.identity"] = identity
     if identity_fields is not None:
         metadata["mlx_dpo.identity_fields"] = json.dumps(identity_fields, sort_keys=True)
-    return pa.schema(REF_LOGPS_FIELDS, metadata=metadata)
+    fields = REF_LOGPS_FIELDS
+    if rejected_per_prompt > 1:
+        fields = [pa.field(f.name, SEVERAL_REJECTED_TYPES[f.name], nullable=False)
+                  if f.name in SEVERAL_REJECTED_TYPES else f for f in fields if f.name not in LD_COLUMNS]
+    return pa.schema(fields, metadata=metadata)

@@ -37,6 +37,7 @@ class Manifest:
     truncation_mode: str
     splits: dict[str, SplitInfo]
     rejects_file: str | None = None
+    rejected_per_prompt: int = 1  # K: rejected answers per prompt (list columns when > 1)
     created_at: str = ""
     mlx_dpo_version: str = ""
 

@@ -76,7 +76,7 @@ def _check_contents(path: Path, parquet: pq.ParquetFile, manifest: Manifest) -> 
     identity = (schema.metadata or {}).get(b"mlx_dpo.identity", b"").decode()
     if identity != manifest.identity:
         return [f"{path}: shard of another cache (identity {identity[:12] or 'none'}, manifest {manifest.identity[:12]})"]
-    expected = ref_logps_schema()
+    expected = ref_logps_schema(rejected_per_prompt=manifest.rejected_per_prompt)
     if not schema.remove_metadata().equals(expected.remove_metadata()):
         return [f"{path}: schema differs from schema version {manifest.schema_version} "
                 f"(columns: {', '.join(f'{f.name}: {f.type}' for f in schema)})"]
@@ -86,7 +86,14 @@ def _check_contents(path: Path, parquet: pq.ParquetFile, manifest: Manifest) -> 
         return [f"{path}: unreadable data ({error})"]
     problems = []
     for column in LOGPS_COLUMNS:
-        bad = pc.invert(pc.is_finite(table[column]))
+        values = table[column]
+        if pa.types.is_list(values.type):  # K rejected: one value per answer
+            values = pc.list_flatten(values)
+            bad = pc.invert(pc.is_finite(values))
+            if pc.any(bad).as_py():
+                problems.append(f"{path}: {column} has a non-finite value")
+            continue
+        bad = pc.invert(pc.is_finite(values))
         if pc.any(bad).as_py():
             row = table["index"][pc.index(bad, True).as_py()].as_py()
             problems.append(f"{path}: row {row}: {column} is not finite")
@@ -97,13 +104,13 @@ def _check_accounting(cache_dir: Path, manifest: Manifest) -> list[str]:
     """Every input row is in exactly one shard or in the rejects file, with its reason."""
     rejected: dict[str, list[int]] = {name: [] for name in manifest.splits}
     if manifest.rejects_file:
-        rejects_path = inside(cache_dir, manifest.rejects_file)
         try:
+            rejects_path = inside(cache_dir, manifest.rejects_file)
             for line in rejects_path.read_text().splitlines():
                 record = json.loads(line)
                 rejected.setdefault(record["split"], []).append(record["index"])
         except (OSError, ValueError, KeyError, TypeError) as error:
-            return [f"{rejects_path}: unreadable rejects file ({error})"]
+            return [f"{cache_dir / manifest.rejects_file}: unreadable rejects file ({error})"]
     problems = []
     for name, split in manifest.splits.items():
         cached = pq.read_table([inside(cache_dir, s.path) for s in split.shards], columns=["index"])["index"] \

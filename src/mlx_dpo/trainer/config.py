@@ -31,12 +31,14 @@ class TrainConfig:
     f_alpha_divergence_coef: float = field(default=1.0, metadata={"group": "Loss", "help": "α of alpha_divergence."})
     simpo_gamma: float = field(default=0.5, metadata={"group": "Loss", "help": "SimPO target margin γ."})
     discopop_tau: float = field(default=0.05, metadata={"group": "Loss", "help": "DiscoPOP gate temperature τ."})
+    ld_alpha: float | None = field(default=None, metadata={"group": "Loss", "help": "LD-DPO α in [0, 1]: weight of the tokens past the shorter answer's length (needs a K = 1 cache)."})
     # fine-tuning
     fine_tune_type: str = field(default="lora", metadata={"group": "Model", "help": "lora, dora or full (mlx-lm's tuner)."})
     num_layers: int = field(default=-1, metadata={"group": "Model", "help": "Trained transformer blocks, counted from the last; -1 for all."})
     lora_rank: int = field(default=8, metadata={"group": "Model", "help": "LoRA/DoRA rank."})
     lora_scale: float = field(default=20.0, metadata={"group": "Model", "help": "LoRA/DoRA scale (mlx-lm's 'scale', not alpha)."})
     lora_dropout: float = field(default=0.0, metadata={"group": "Model", "help": "Dropout on the LoRA input."})
+    trust_remote_code: bool = field(default=False, metadata={"group": "Model", "help": "Allow the model directory's own Python code (custom tokenizer or model file) to run."})
     # optimisation
     iters: int = field(default=1000, metadata={"group": "Optimisation", "help": "Optimizer steps."})
     batch_size: int = field(default=4, metadata={"group": "Optimisation", "help": "Preference pairs per micro-batch."})
@@ -80,6 +82,7 @@ class TrainConfig:
             (self.rejected_aggregation == "pairwise" or set(types) <= {"sigmoid", "sft"},
              "--rejected-aggregation softmax is defined for the sigmoid loss only"),
             (self.discopop_tau > 0, "--discopop-tau must be positive"),
+            (self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "--ld-alpha must be in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -9,7 +9,16 @@ from ..errors import UserError
 from ..models import checked_model_path, load_model, load_tokenizer
 from ..schemas import read_manifest, tokenizer_fingerprint
 from ..schemas.identity import _short
-from .checkpoint import save_adapters, save_run_config
+from ..schemas.verify import check_cache
+from .checkpoint import (
+    Cursor,
+    TrackedBatches,
+    restore_checkpoint,
+    resume_point,
+    save_adapters,
+    save_checkpoint,
+    start_run_dir,
+)
 from .config import TrainConfig
 from .metrics import MetricsLog, format_report
 from .policy import prepare_policy
@@ -17,19 +26,17 @@ from .stream import PairStream
 from .train import evaluate, make_loss_fn, train
 
 
-def open_cache(cache: str):
-    """The manifest of a complete cache, after a cheap check that every shard is whole."""
+def open_cache(cache: str, full: bool = False):
+    """The manifest of a complete cache, after a cheap check (paths, sizes, row counts) or, with
+    `full`, the whole of `mlx-dpo cache verify` (sha256, schema, values, row accounting)."""
     try:
         manifest = read_manifest(Path(cache))
     except (FileNotFoundError, ValueError) as error:
         raise UserError(str(error)) from error
-    for split in manifest.splits.values():
-        for shard in split.shards:
-            path = Path(cache) / shard.path
-            if not path.is_file():
-                raise UserError(f"{path}: shard listed in the manifest is missing")
-            if path.stat().st_size != shard.bytes:
-                raise UserError(f"{path}: {path.stat().st_size} bytes, manifest says {shard.bytes} (truncated or replaced)")
+    problems = check_cache(Path(cache), manifest, full=full)
+    if problems:
+        more = f" (and {len(problems) - 1} more: `mlx-dpo cache verify {cache}`)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
     return manifest
 
 
@@ -59,24 +66,33 @@ def _split_stream(manifest, cache: str, split: str, cfg: TrainConfig, pad_id: in
     return PairStream(
         shards, batch_size=cfg.batch_size, max_length=manifest.max_length,
         truncation_mode=manifest.truncation_mode, pad_id=pad_id, shuffle=shuffle,
-        seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, with_tails=cfg.ld_alpha is not None,
     )
 
 
-def run_training(cfg: TrainConfig, overwrite: bool = False, log=print) -> list[dict]:
-    """Train; returns every metrics record written."""
+def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume: bool = False,
+                 verify_cache: bool = False, stop_after: int | None = None) -> list[dict]:
+    """Train; returns every metrics record of the run. `resume` continues from the run's last
+    checkpoint; `stop_after` ends after that step as if interrupted (the schedule spans cfg.iters)."""
     run_dir = Path(cfg.output)
-    if (run_dir / "metrics.jsonl").exists() and not overwrite:
-        raise UserError(f"{run_dir}: already holds a run (metrics.jsonl); use another --output or --overwrite")
-    manifest = open_cache(cfg.cache)
+    if (run_dir / "metrics.jsonl").exists() and not (overwrite or resume):
+        raise UserError(f"{run_dir}: already holds a run (metrics.jsonl); use another --output, --resume or --overwrite")
+    manifest = open_cache(cfg.cache, full=verify_cache)
     if manifest.splits["train"].rows_cached == 0:
         raise UserError(f"{cfg.cache}: the train split has no cached rows")
+    if cfg.ld_alpha is not None and manifest.rejected_per_prompt > 1:
+        raise UserError(f"--ld-alpha: {cfg.cache} holds {manifest.rejected_per_prompt} rejected answers per prompt; "
+                        "LD-DPO is supported for one")
     model_path = checked_model_path(cfg.model)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     check_tokenizer(manifest, tokenizer, cfg.cache, cfg.model)
+    checkpoint = resume_point(run_dir, cfg, manifest.identity) if resume else None
+    if checkpoint is not None and checkpoint.step >= cfg.iters:
+        log(f"{run_dir}: already complete ({checkpoint.step} of {cfg.iters} steps); nothing to resume")
+        return []
 
     mx.random.seed(cfg.seed)  # LoRA initialisation
-    model = load_model(model_path)
+    model = load_model(model_path, cfg.trust_remote_code)
     trainable = prepare_policy(model, cfg)
     log(f"Policy {cfg.model}: {cfg.fine_tune_type}, {trainable / 1e6:.3f}M trainable parameters; "
         f"reference from cache {manifest.identity[:12]} (not loaded)")
@@ -85,11 +101,11 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print) -> list[d
     train_stream = _split_stream(manifest, cfg.cache, "train", cfg, pad_id, shuffle=True)
     eval_stream = _split_stream(manifest, cfg.cache, "valid", cfg, pad_id, shuffle=False) if "valid" in manifest.splits else None
 
-    if overwrite and run_dir.exists():
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    save_run_config(cfg, run_dir, manifest.identity)
-    metrics_log, records = MetricsLog(run_dir / "metrics.jsonl"), []
-    loss_fn = make_loss_fn(cfg.loss_options())
+    if checkpoint is None:
+        start_run_dir(cfg, run_dir, manifest.identity, overwrite)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    records = metrics_log.keep_until(checkpoint.step) if checkpoint is not None else []
+    loss_fn = make_loss_fn(cfg.loss_options(), cfg.ld_alpha)
 
     def report(step: int, split: str, metrics: dict) -> None:
         records.append(metrics_log.write(step, split, metrics))
@@ -99,17 +115,29 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print) -> list[d
         report(step, "eval", evaluate(model, loss_fn, eval_stream.epoch(0), cfg.val_batches))
 
     optimizer = optim.AdamW(learning_rate=build_schedule(cfg), weight_decay=cfg.weight_decay)
-    if eval_stream is not None:
+    if checkpoint is not None:
+        restore_checkpoint(checkpoint, model, optimizer)
+        log(f"Resuming {run_dir} after step {checkpoint.step} of {cfg.iters} "
+            f"(epoch {checkpoint.cursor.epoch}, batch {checkpoint.cursor.batches})")
+    elif eval_stream is not None:
         model.eval()
         run_eval(0)  # the policy is still the reference here: loss ln 2, margins 0
+    batches = TrackedBatches(train_stream, checkpoint.cursor if checkpoint is not None else Cursor())
+
+    def save(step: int) -> None:
+        save_adapters(model, run_dir, step)
+        save_checkpoint(run_dir, step, model, optimizer, batches.cursor)
+
     train(
-        model, optimizer, (batch for _, batch in train_stream.forever()), loss_fn,
-        iters=cfg.iters, grad_accumulation_steps=cfg.grad_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
+        model, optimizer, batches, loss_fn, iters=cfg.iters, start_step=checkpoint.step if checkpoint else 0,
+        stop_after=stop_after, grad_accumulation_steps=cfg.grad_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
         steps_per_report=cfg.steps_per_report, steps_per_eval=cfg.steps_per_eval, steps_per_save=cfg.steps_per_save,
         on_report=lambda step, metrics: report(step, "train", metrics),
-        on_eval=run_eval if eval_stream is not None else None,
-        on_save=lambda step: save_adapters(model, run_dir, step),
+        on_eval=run_eval if eval_stream is not None else None, on_save=save,
     )
+    if stop_after is not None and stop_after < cfg.iters:
+        log(f"Stopped after step {stop_after} of {cfg.iters} as asked; continue with the same options and --resume")
+        return records
     evals = [r for r in records if r["split"] == "eval"]
     if len(evals) > 1:
         before, after = evals[0], evals[-1]

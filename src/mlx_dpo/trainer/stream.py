@@ -11,32 +11,35 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..logps import collate_pairs
+from ..logps import collate_pairs, rejected_per_row
 
 ROW_COLUMNS = ["index", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
+TAIL_COLUMNS = ["ref_chosen_tail_logps", "ref_rejected_tail_logps"]  # LD-DPO; K = 1 caches only
 
 
 @dataclass
 class Batch:
-    input_ids: np.ndarray  # (2B, T) int32: chosen rows, then rejected rows
-    completion_mask: np.ndarray  # (2B, T) int32
+    input_ids: np.ndarray  # ((1+K)B, T) int32: chosen rows, then the rows of each rejected answer
+    completion_mask: np.ndarray  # ((1+K)B, T) int32
     ref_chosen_logps: np.ndarray  # (B,) float32
-    ref_rejected_logps: np.ndarray  # (B,) float32
+    ref_rejected_logps: np.ndarray  # (B,), or (B, K) with K rejected answers per prompt
     indices: np.ndarray  # (B,) input-row indices, for tracing a batch back to the data
+    ref_chosen_tail_logps: np.ndarray | None = None  # (B,), with --ld-alpha
+    ref_rejected_tail_logps: np.ndarray | None = None
 
 
-def iter_rows(shards: list[Path], rng: np.random.Generator | None) -> Iterator[dict]:
+def iter_rows(shards: list[Path], rng: np.random.Generator | None, columns=ROW_COLUMNS) -> Iterator[dict]:
     """Rows of every shard; with `rng`, shards and row groups are visited in random order."""
     shard_order = rng.permutation(len(shards)) if rng is not None else range(len(shards))
     for s in shard_order:
         parquet = pq.ParquetFile(shards[s])
         groups = range(parquet.num_row_groups)
         for g in rng.permutation(len(groups)) if rng is not None else groups:
-            yield from parquet.read_row_group(int(g), columns=ROW_COLUMNS).to_pylist()
+            yield from parquet.read_row_group(int(g), columns=columns).to_pylist()
 
 
 def _pair_length(row: dict) -> int:
-    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+    return len(row["prompt_ids"]) + max(map(len, [row["chosen_ids"], *rejected_per_row(row)]))
 
 
 class PairStream:
@@ -48,12 +51,13 @@ class PairStream:
     """
 
     def __init__(self, shards, *, batch_size, max_length, truncation_mode, pad_id,
-                 shuffle=True, seed=0, shuffle_buffer=4096, pad_to_multiple=32):
+                 shuffle=True, seed=0, shuffle_buffer=4096, pad_to_multiple=32, with_tails=False):
         self.shards = [Path(s) for s in shards]
         self.batch_size = batch_size
         self.collate = dict(max_length=max_length, truncation_mode=truncation_mode, pad_id=pad_id,
                             pad_to_multiple=pad_to_multiple)
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, max(shuffle_buffer, batch_size)
+        self.columns = ROW_COLUMNS + (TAIL_COLUMNS if with_tails else [])
 
     def _buffer_batches(self, buffer: list[dict], rng) -> list[list[dict]]:
         buffer.sort(key=_pair_length)
@@ -66,7 +70,7 @@ class PairStream:
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         buffer = []
         limit = self.shuffle_buffer if self.shuffle else None
-        for row in iter_rows(self.shards, rng):
+        for row in iter_rows(self.shards, rng, self.columns):
             buffer.append(row)
             if limit is not None and len(buffer) >= limit:
                 yield from map(self.make_batch, self._buffer_batches(buffer, rng))
@@ -96,4 +100,5 @@ class PairStream:
             ref_chosen_logps=np.array([r["ref_chosen_logps"] for r in rows], dtype=np.float32),
             ref_rejected_logps=np.array([r["ref_rejected_logps"] for r in rows], dtype=np.float32),
             indices=np.array([r["index"] for r in rows], dtype=np.int64),
+            **{name: np.array([r[name] for r in rows], dtype=np.float32) for name in TAIL_COLUMNS if name in rows[0]},
         )

@@ -10,7 +10,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from ..logps import sequence_logps
+from ..logps import sequence_logps, shared_lengths, split_chosen_rejected
 from ..losses import preference_loss
 from .stream import Batch
 
@@ -21,22 +21,31 @@ METRIC_NAMES = (
 )
 
 
-def make_loss_fn(loss_options: dict):
+def make_loss_fn(loss_options: dict, ld_alpha: float | None = None):
     """loss_fn(model, input_ids, completion_mask, ref_chosen, ref_rejected) -> (mean loss, (metrics, ntoks)),
     for preference_loss(**loss_options). Metrics are computed per example, then averaged."""
     options = dict(loss_options)
     beta, reference_free = options["beta"], options.get("reference_free", False)
 
-    def loss_fn(model, input_ids, completion_mask, ref_chosen_logps, ref_rejected_logps):
-        logps, ntoks = sequence_logps(model, input_ids, completion_mask)  # (2B,)
-        pairs = ref_chosen_logps.shape[0]
-        policy_chosen, policy_rejected = logps[:pairs], logps[pairs:]
-        chosen_lengths, rejected_lengths = ntoks[:pairs], ntoks[pairs:]
+    def loss_fn(model, input_ids, completion_mask, ref_chosen_logps, ref_rejected_logps,
+                ref_chosen_tail_logps=None, ref_rejected_tail_logps=None):
+        pairs, several = ref_chosen_logps.shape[0], ref_rejected_logps.ndim == 2
+        if ld_alpha is None:
+            logps, ntoks = sequence_logps(model, input_ids, completion_mask)  # ((1+K)B,)
+        else:  # LD-DPO (Liu et al. 2024): tokens past the shorter answer count with weight α
+            logps, ntoks, tail = sequence_logps(model, input_ids, completion_mask, shared_lengths(completion_mask, pairs))
+            logps = logps - (1 - ld_alpha) * tail
+            ref_chosen_logps = ref_chosen_logps - (1 - ld_alpha) * ref_chosen_tail_logps
+            ref_rejected_logps = ref_rejected_logps - (1 - ld_alpha) * ref_rejected_tail_logps
+        policy_chosen, policy_rejected = split_chosen_rejected(logps, pairs, several)  # (B,), (B,) or (B, K)
+        chosen_lengths, rejected_lengths = split_chosen_rejected(ntoks, pairs, several)
         losses = preference_loss(policy_chosen, policy_rejected, ref_chosen_logps, ref_rejected_logps,
                                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **options)
         scale = 0.0 if reference_free else 1.0
         chosen_rewards = beta * (policy_chosen - scale * ref_chosen_logps)
         rejected_rewards = beta * (policy_rejected - scale * ref_rejected_logps)
+        if several:  # accuracy and margin over every (chosen, rejected_k) comparison
+            chosen_rewards = mx.broadcast_to(chosen_rewards[:, None], rejected_rewards.shape)
         metrics = mx.stack([
             losses.mean(),
             chosen_rewards.mean(),
@@ -44,7 +53,7 @@ def make_loss_fn(loss_options: dict):
             (chosen_rewards > rejected_rewards).astype(mx.float32).mean(),  # per example, then mean
             (chosen_rewards - rejected_rewards).mean(),
             policy_chosen.mean(),
-            policy_rejected.mean(),
+            policy_rejected.mean(),  # over all K answers
             -policy_chosen.sum() / mx.maximum(chosen_lengths.sum(), 1),  # NLL per chosen token
         ])
         return losses.mean(), (metrics, ntoks.sum())
@@ -53,8 +62,10 @@ def make_loss_fn(loss_options: dict):
 
 
 def _arrays(batch: Batch) -> tuple[mx.array, ...]:
-    return (mx.array(batch.input_ids), mx.array(batch.completion_mask),
-            mx.array(batch.ref_chosen_logps), mx.array(batch.ref_rejected_logps))
+    arrays = [batch.input_ids, batch.completion_mask, batch.ref_chosen_logps, batch.ref_rejected_logps]
+    if batch.ref_chosen_tail_logps is not None:
+        arrays += [batch.ref_chosen_tail_logps, batch.ref_rejected_tail_logps]
+    return tuple(mx.array(a) for a in arrays)
 
 
 def evaluate(model, loss_fn, batches: Iterator[Batch], max_batches: int) -> dict:
@@ -78,6 +89,7 @@ def train(
     *,
     iters: int,
     start_step: int = 0,
+    stop_after: int | None = None,
     grad_accumulation_steps: int = 1,
     max_grad_norm: float = 1.0,
     steps_per_report: int = 10,
@@ -87,7 +99,8 @@ def train(
     on_eval: Callable[[int], None] | None = None,
     on_save: Callable[[int], None] = lambda step: None,
 ) -> None:
-    """Run optimizer steps `start_step+1 .. iters`. Each step consumes `grad_accumulation_steps`
+    """Run optimizer steps `start_step+1 .. iters`, or `.. stop_after` as if interrupted there (the
+    schedule is the optimizer's and still spans `iters`). Each step consumes `grad_accumulation_steps`
     batches. Step 1 is always reported: at step 1 the policy is still the reference, so its loss
     is ln 2 and its margins 0, a check that both stages score tokens the same way."""
     value_and_grad = nn.value_and_grad(model, loss_fn)
@@ -113,7 +126,8 @@ def train(
     model.train()
     # ---- running sums for the next report ----
     sums, ntoks, grad_norms, steps, seconds = mx.zeros(len(METRIC_NAMES)), 0, 0.0, 0, 0.0
-    for step in range(start_step + 1, iters + 1):
+    last = iters if stop_after is None else min(iters, stop_after)
+    for step in range(start_step + 1, last + 1):
         tic = time.perf_counter()
         # ---- forward/backward over the micro-batches, then one update ----
         grad = None
@@ -128,7 +142,7 @@ def train(
         grad_norms += grad_norm.item()
 
         # ---- report ----
-        if step % steps_per_report == 0 or step == iters or step == start_step + 1:
+        if step % steps_per_report == 0 or step == iters or step == 1:
             report = dict(zip(METRIC_NAMES, (sums / steps).tolist()))
             report.update(
                 ntoks=int(ntoks), tokens_per_sec=int(ntoks) / seconds, learning_rate=learning_rate.item(),
@@ -140,5 +154,5 @@ def train(
             model.eval()
             on_eval(step)
             model.train()
-        if step % steps_per_save == 0 or step == iters:
+        if step % steps_per_save == 0 or step == last:
             on_save(step)

@@ -1,0 +1,63 @@
+"""One chosen, K rejected answers per prompt, end to end."""
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+import tiny_models
+from mlx_dpo.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_model_dir, tmp_path_factory):
+    """A K=2 cache, and a K=1 cache of the same rows split into their 2 pairs each."""
+    root = tmp_path_factory.mktemp("several")
+    base = tiny_models.standard_rows()[:8]
+    several = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": [r["rejected"], r["rejected"] + " Maybe."]}
+               for r in base]
+    several.append({**several[0], "rejected": [base[0]["rejected"]]})  # K=1 row in a K=2 set: rejected
+    pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": answer}
+             for r in several[:8] for answer in r["rejected"]]
+    tiny_models.write_jsonl(root / "several.jsonl", several)
+    tiny_models.write_jsonl(root / "pairs.jsonl", pairs)
+    for name in ("several", "pairs"):
+        result = run("precompute", "--model", tiny_model_dir, "--data", root / f"{name}.jsonl", "--out", root / name)
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def test_cache_holds_k_values_equal_to_the_split_pairs(caches):
+    manifest = json.loads((caches / "several" / "manifest.json").read_text())
+    assert manifest["rejected_per_prompt"] == 2
+    assert manifest["splits"]["train"]["rows_rejected"] == 1
+    rejects = [json.loads(line) for line in open(caches / "several" / "rejects.jsonl")]
+    assert rejects == [{"split": "train", "index": 8, "reason": "has 1 rejected answer(s) where this cache has 2 per prompt"}]
+    several = pq.read_table(caches / "several" / "train" / "part-00000.parquet").to_pylist()
+    pairs = pq.read_table(caches / "pairs" / "train" / "part-00000.parquet").to_pylist()
+    for row in several:
+        for k in range(2):
+            pair = pairs[2 * row["index"] + k]
+            assert row["rejected_ids"][k] == pair["rejected_ids"] and row["chosen_ids"] == pair["chosen_ids"]
+            assert row["ref_rejected_logps"][k] == pytest.approx(pair["ref_rejected_logps"], abs=1e-4)
+            assert row["ref_chosen_logps"] == pytest.approx(pair["ref_chosen_logps"], abs=1e-4)
+
+
+@pytest.mark.parametrize("aggregation, step0", [("pairwise", math.log(2)), ("softmax", math.log(3))])
+def test_trains_with_both_aggregations(caches, tiny_model_dir, aggregation, step0):
+    """At step 0 every h_j equals h_w: pairwise gives ln 2; Plackett-Luce gives ln(1 + 2e^0) = ln 3."""
+    out = caches / f"run-{aggregation}"
+    result = run("train", "--cache", caches / "several", "--model", tiny_model_dir, "--output", out, "--iters", 3,
+                 "--batch-size", 4, "--steps-per-report", 1, "--learning-rate", 1e-3,
+                 "--rejected-aggregation", aggregation)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert records[0]["loss"] == pytest.approx(step0, abs=1e-4)
+    assert abs(records[0]["rewards/margins"]) < 1e-4
+    assert all(math.isfinite(r["loss"]) for r in records) and len(records) == 3
