@@ -120,7 +120,14 @@ def precompute(config_file, **options):
 @click.option("--config", "config_file", type=click.Path(), help="YAML file of options (command line wins).")
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier run in --output.",
               cls=GroupedOption, group="Output")
-def train(config_file, overwrite, **options):
+@click.option("--resume", is_flag=True, cls=GroupedOption, group="Output",
+              help="Continue the run in --output from its last checkpoint: weights, optimizer state, "
+                   "learning-rate schedule, data position and RNG, so the losses are those of an uninterrupted run.")
+@click.option("--stop-after", type=click.IntRange(min=1), cls=GroupedOption, group="Output",
+              help="Stop after this step as if interrupted (the schedule still spans --iters); continue with --resume.")
+@click.option("--verify-cache", is_flag=True, cls=GroupedOption, group="Data",
+              help="Check every shard's sha256, schema and values first (sizes and row counts are always checked).")
+def train(config_file, overwrite, resume, stop_after, verify_cache, **options):
     """Train a policy with DPO against a reference cache (the reference model is never loaded).
 
     Writes OUTPUT/metrics.jsonl (TRL's metric names), OUTPUT/adapters.safetensors with
@@ -128,7 +135,8 @@ def train(config_file, overwrite, **options):
     """
     from .trainer.run import run_training
 
-    run_training(build_config(TrainConfig, options, config_file), overwrite=overwrite, log=click.echo)
+    run_training(build_config(TrainConfig, options, config_file), overwrite=overwrite, log=click.echo,
+                 resume=resume, stop_after=stop_after, verify_cache=verify_cache)
 
 
 cli.add_command(cache)

@@ -64,7 +64,10 @@ def test_lora_run_step0_invariant_and_outputs(setup):
         assert METRICS <= set(r) and (TRAIN_ONLY <= set(r)) == (r["split"] == "train")
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "0000002_adapters.safetensors", "0000004_adapters.safetensors", "adapter_config.json",
-        "adapters.safetensors", "config.yaml", "metrics.jsonl"]
+        "adapters.safetensors", "checkpoints", "config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "0000004").iterdir()) == [
+        "adapters.safetensors", "optimizer.safetensors", "state.json"]  # only the newest is kept
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["0000004"]
 
 
 def test_adapters_load_in_mlx_lm_and_change_the_model(setup):

@@ -1,19 +1,27 @@
 """⑥ What a run leaves behind: mlx-lm-compatible adapters, resumable checkpoints, the config."""
 
 import json
-from dataclasses import asdict
+import os
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import yaml
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
+from ..errors import UserError
 from ..schemas.atomic import atomic_path, write_text_atomic
 from .config import TrainConfig
 
 ADAPTERS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+CHECKPOINTS = "checkpoints"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+# Options that only change what is reported; a resumed run may change them, not the others.
+REPORTING_OPTIONS = ("steps_per_report", "steps_per_eval", "steps_per_save", "val_batches")
 
 
 def _save_safetensors_atomic(arrays: dict, path: Path) -> None:
@@ -48,3 +56,111 @@ def save_adapters(model: nn.Module, run_dir: Path, step: int) -> Path:
     _save_safetensors_atomic(weights, run_dir / f"{step:07d}_{ADAPTERS}")
     _save_safetensors_atomic(weights, run_dir / ADAPTERS)
     return run_dir / ADAPTERS
+
+
+@dataclass
+class Cursor:
+    """Where the train stream stands: its next batch is number `batches` of `epoch`."""
+
+    epoch: int = 0
+    batches: int = 0
+
+
+class TrackedBatches:
+    """The train stream's batches, keeping the cursor a checkpoint needs to resume the stream."""
+
+    def __init__(self, stream, start: Cursor):
+        self.cursor = Cursor(start.epoch, start.batches)
+        self._pairs = stream.forever(start.epoch, start.batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        epoch, batch = next(self._pairs)
+        if epoch != self.cursor.epoch:
+            self.cursor = Cursor(epoch, 0)
+        self.cursor.batches += 1
+        return batch
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    cursor: Cursor
+    rng_key: list[int]  # mx.random's key, two uint32
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, cursor: Cursor) -> Path:
+    """RUN/checkpoints/NNNNNNN/: trainable weights, optimizer state (moments, step, learning rate),
+    RNG key and stream cursor. Built in a temp directory and renamed, so a checkpoint directory is
+    always whole; older checkpoints are removed after."""
+    root = Path(run_dir) / CHECKPOINTS
+    final, tmp = root / f"{step:07d}", root / f".{step:07d}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.save_safetensors(str(tmp / ADAPTERS), dict(tree_flatten(model.trainable_parameters())))
+    mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
+    state = {"step": step, "epoch": cursor.epoch, "batches": cursor.batches, "rng_key": mx.random.state[0].tolist()}
+    (tmp / STATE).write_text(json.dumps(state) + "\n")
+    for file in tmp.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in root.iterdir():
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint (temp directories of a crashed save are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    steps = sorted(p for p in root.glob("[0-9]" * 7) if (p / STATE).is_file()) if root.is_dir() else []
+    if not steps:
+        return None
+    try:
+        state = json.loads((steps[-1] / STATE).read_text())
+        return Checkpoint(steps[-1], state["step"], Cursor(state["epoch"], state["batches"]), state["rng_key"])
+    except (ValueError, KeyError) as error:
+        raise UserError(f"{steps[-1] / STATE}: unreadable checkpoint state ({error})") from error
+
+
+def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, optimizer) -> None:
+    """Put the weights, optimizer state and RNG back as they were when `checkpoint` was saved."""
+    model.load_weights(str(checkpoint.path / ADAPTERS), strict=False)
+    optimizer.state = tree_unflatten(list(mx.load(str(checkpoint.path / OPTIMIZER)).items()))
+    high, low = checkpoint.rng_key
+    mx.random.seed((high << 32) | low)  # the key is the seed's two halves, so this restores it exactly
+
+
+def check_resumable(run_dir: Path, cfg: TrainConfig, cache_identity: str) -> None:
+    """A run resumes only with the options it started with (reporting aside) and the same cache."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"{path}: cannot read the run's configuration ({error})") from error
+    current = {**asdict(cfg), "cache_identity": cache_identity}
+    differ = [k for k in sorted(set(saved) | set(current)) if k not in REPORTING_OPTIONS and saved.get(k) != current.get(k)]
+    if differ:
+        raise UserError(f"{run_dir}: cannot resume with other options ("
+                        + "; ".join(f"{k}: run {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)
+                        + "); use them, or start a new run with another --output")
+
+
+def resume_point(run_dir: Path, cfg: TrainConfig, cache_identity: str) -> Checkpoint:
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise UserError(f"{run_dir}: no checkpoint to resume from (one is saved every --steps-per-save steps)")
+    check_resumable(run_dir, cfg, cache_identity)
+    return checkpoint
+
+
+def start_run_dir(cfg: TrainConfig, run_dir: Path, cache_identity: str, overwrite: bool) -> None:
+    if overwrite and run_dir.exists():
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # never resume an old run's state
+    save_run_config(cfg, run_dir, cache_identity)

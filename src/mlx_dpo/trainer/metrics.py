@@ -4,6 +4,8 @@ import json
 import math
 from pathlib import Path
 
+from ..schemas.atomic import write_text_atomic
+
 
 class MetricsLog:
     def __init__(self, path: Path):
@@ -15,6 +17,14 @@ class MetricsLog:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         return record
+
+    def keep_until(self, step: int) -> list[dict]:
+        """Drop the records after `step` (a resumed run writes them again); returns those kept."""
+        if not self.path.exists():
+            return []
+        kept = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= step]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
 
 
 def _plain(value):
