@@ -71,15 +71,18 @@ def test_incomplete_model_directories(tiny_model_dir, standard_data, tmp_path, r
     one_line_error(result, f"{model}: {expected}")
 
 
-def test_remote_code_is_refused_unless_trusted(tiny_model_dir, standard_data, tmp_path):
+@pytest.mark.parametrize("flags, expected", [
+    ([], "custom module ('custom.py')"),  # refused: the code never ran
+    (["--trust-remote-code"], "could not load the model (RuntimeError: custom model code ran)"),
+])
+def test_model_code_runs_only_when_trusted(tiny_model_dir, standard_data, tmp_path, flags, expected):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    (model / "evil.py").write_text("raise SystemExit('remote code ran')\n")
+    (model / "custom.py").write_text("raise RuntimeError('custom model code ran')\n")
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "model_file": "evil.py"}))
-    result = run("precompute", "--model", model, "--data", standard_data, "--out", tmp_path / "out")
-    one_line_error(result, "custom module ('evil.py')")
-    assert "remote code ran" not in result.output
+    (model / "config.json").write_text(json.dumps({**config, "model_file": "custom.py"}))
+    result = run("precompute", "--model", model, "--data", standard_data, "--out", tmp_path / "out", *flags)
+    one_line_error(result, expected)
 
 
 BAD_ROWS = [  # (row, reason recorded in rejects.jsonl)
@@ -147,3 +150,14 @@ def test_debug_shows_the_traceback(tmp_path):
     assert quiet.returncode == loud.returncode == 1
     assert "Traceback" not in quiet.stderr and quiet.stderr.startswith("Error: ")
     assert "Traceback (most recent call last)" in loud.stderr and loud.stderr.strip().endswith(quiet.stderr.strip())
+
+
+def test_precompute_never_writes_through_a_link_in_the_cache(tiny_model_dir, standard_data, tmp_path):
+    out, target = tmp_path / "cache", tmp_path / "target"
+    out.mkdir()
+    target.mkdir()
+    (out / "train").symlink_to(target)
+    result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", out)
+    one_line_error(result, f"{out / 'train'}: a symbolic link inside the cache")
+    assert list(target.iterdir()) == []
+

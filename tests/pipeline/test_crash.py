@@ -81,7 +81,7 @@ def test_a_second_writer_is_told_who_holds_the_cache(tiny_model_dir, standard_da
     with cache_lock(out):
         result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", out)
     assert result.exit_code == 1
-    assert (f"{out}: another `mlx-dpo precompute` is writing this cache (pid {os.getpid()} on {socket.gethostname()}, "
+    assert (f"{out}: another mlx-dpo precompute is writing this cache (pid {os.getpid()} on {socket.gethostname()}, "
             "since ") in result.output
     assert not (out / "manifest.json").exists()
     result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", out)

@@ -112,3 +112,15 @@ def test_a_directory_that_is_not_a_cache(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     result = run("cache", "verify", tmp_path)
     assert result.exit_code == 1 and "unreadable manifest" in result.output
+
+
+def test_manifest_paths_are_relative_and_links_are_refused(good, cache, tmp_path):
+    manifest = json.loads((good / "manifest.json").read_text())
+    paths = [s["path"] for split in manifest["splits"].values() for s in split["shards"]] + [manifest["rejects_file"]]
+    assert paths and all(not p.startswith("/") and ".." not in p for p in paths)
+
+    outside = tmp_path / "elsewhere"
+    (cache / "train").rename(outside)
+    (cache / "train").symlink_to(outside)
+    result = run("cache", "verify", "--quick", cache)
+    assert result.exit_code == 1 and "'train/part-00000.parquet' goes through a symbolic link" in result.output

@@ -41,7 +41,7 @@ def _acquire(path: Path) -> int:
             holder = _describe(fd)
             os.close(fd)
             raise UserError(
-                f"{path.parent}: another `mlx-dpo precompute` is writing this cache ({holder}); "
+                f"{path.parent}: another mlx-dpo precompute is writing this cache ({holder}); "
                 "wait for it to finish: a rerun then reuses its cache"
             ) from None
         try:

@@ -58,6 +58,13 @@ def _check_existing(out: Path, identity: str, fields: dict, overwrite: bool) -> 
     return None
 
 
+def _refuse_links(out: Path) -> None:
+    """We write shards below `out`: a symbolic link there (a cache from elsewhere) would send them outside."""
+    link = next((p for p in [*out.iterdir(), *out.glob("*/*")] if p.is_symlink()), None)
+    if link is not None:
+        raise UserError(f"{link}: a symbolic link inside the cache; a cache holds plain files only (remove it)")
+
+
 def _remove_temp_files(out: Path) -> None:
     """Half-written files of a writer that died (we hold the lock, so no one else is writing)."""
     for tmp in [*out.glob(".*.tmp*"), *out.glob("*/.*.tmp*")]:
@@ -179,6 +186,7 @@ def precompute(cfg: PrecomputeConfig, log=print) -> Manifest:
 
 def _build(cfg, out, identity, fields, sources, tokenizer, model_path, log) -> Manifest:
     """Everything that writes into `out`; runs under its lock."""
+    _refuse_links(out)
     if (existing := _check_existing(out, identity, fields, cfg.overwrite)) is not None:
         log(f"Reusing cache {out} (identity {identity[:12]}): same model, tokenizer, data and options; nothing to compute.")
         return existing

@@ -24,11 +24,13 @@ def file_sha256(path: Path) -> str:
 
 
 def inside(cache_dir: Path, relative: str) -> Path:
-    """`cache_dir / relative`, refusing absolute paths and `..`: a cache from elsewhere must not
-    make us read (or anyone write) outside it."""
+    """`cache_dir / relative`, refusing absolute paths, `..` and symbolic links: a cache from
+    elsewhere must not make us read (or anyone write) outside it."""
     path = Path(relative)
     if path.is_absolute() or ".." in path.parts:
         raise ValueError(f"{cache_dir}: manifest path {relative!r} points outside the cache")
+    if any((Path(cache_dir) / Path(*path.parts[: i + 1])).is_symlink() for i in range(len(path.parts))):
+        raise ValueError(f"{cache_dir}: manifest path {relative!r} goes through a symbolic link")
     return Path(cache_dir) / path
 
 
