@@ -109,9 +109,10 @@ def test_a_manifest_cannot_point_outside_the_cache(cache):
 def test_a_directory_that_is_not_a_cache(tmp_path):
     result = run("cache", "verify", tmp_path)
     assert result.exit_code == 1 and "not a complete mlx-dpo cache (no manifest.json" in result.output
-    (tmp_path / "manifest.json").write_text("{not json")
-    result = run("cache", "verify", tmp_path)
-    assert result.exit_code == 1 and "unreadable manifest" in result.output
+    for text in ("{not json", '{"splits": []}', "[]"):
+        (tmp_path / "manifest.json").write_text(text)
+        result = run("cache", "verify", tmp_path)
+        assert result.exit_code == 1 and "unreadable manifest" in result.output, text
 
 
 def test_manifest_paths_are_relative_and_links_are_refused(good, cache, tmp_path):

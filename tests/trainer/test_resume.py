@@ -83,6 +83,8 @@ def test_killed_mid_run_then_resumed_equals_uninterrupted(setup):
         time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    with open(run_dir / "metrics.jsonl", "a") as metrics_file:
+        metrics_file.write('{"step": 9, "split": "tr')  # as if killed in the middle of a line
     resumed = train(root, model, "killed", "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert_same_run(run_dir, root / "whole")

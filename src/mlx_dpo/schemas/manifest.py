@@ -67,5 +67,5 @@ def read_manifest(cache_dir: Path) -> Manifest:
         raise FileNotFoundError(f"{cache_dir}: not a complete mlx-dpo cache (no {MANIFEST_NAME}; run `mlx-dpo precompute`)")
     try:
         return Manifest.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: unreadable manifest ({error})") from error

@@ -22,7 +22,14 @@ class MetricsLog:
         """Drop the records after `step` (a resumed run writes them again); returns those kept."""
         if not self.path.exists():
             return []
-        kept = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # the last line of a run killed mid-write
+                continue
+            if record["step"] <= step:
+                kept.append(record)
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
