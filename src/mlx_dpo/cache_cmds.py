@@ -40,3 +40,14 @@ def verify(cache_dir, quick):
     rows = ", ".join(f"{name} {s.rows_cached:,} cached + {s.rows_rejected:,} rejected" for name, s in manifest.splits.items())
     checked = "paths, sizes and row counts" if quick else "sha256, schema, identity, values and row accounting"
     click.echo(f"{cache_dir}: OK ({manifest.identity[:12]}: {shards} shards; {rows}; checked {checked})")
+
+
+@cache.command()
+@click.argument("out", type=click.Path())
+@click.argument("parts", nargs=-1, required=True, type=click.Path())
+def merge(out, parts):
+    """Combine the outputs of `precompute --num-shards N --shard-index i` jobs into one cache OUT,
+    after checking that they are pieces of the same cache (same identity, all N present)."""
+    from .pipeline.merge import merge as merge_parts
+
+    merge_parts(Path(out), [Path(p) for p in parts], log=click.echo)

@@ -21,6 +21,8 @@ class PrecomputeConfig:
     truncation_mode: str = field(default="keep_start", metadata={"group": "Tokenization", "help": "keep_start or keep_end, as TRL."})
     tokens_per_batch: int = field(default=8192, metadata={"group": "Model", "help": "Padded tokens per reference forward."})
     rows_per_shard: int = field(default=2048, metadata={"group": "Output", "help": "Input rows per Parquet shard (the unit of resume)."})
+    num_shards: int = field(default=1, metadata={"group": "Output", "help": "Split the work over N jobs without a launcher (e.g. a job array); combine with `mlx-dpo cache merge`."})
+    shard_index: int = field(default=0, metadata={"group": "Output", "help": "Which of the --num-shards jobs this is (0-based)."})
     overwrite: bool = field(default=False, metadata={"group": "Output", "help": "Replace a cache at --out made from other inputs."})
     strict: bool = field(default=False, metadata={"group": "Data", "help": "Fail if any row would be rejected, instead of skipping it into rejects.jsonl."})
     trust_remote_code: bool = field(default=False, metadata={"group": "Model", "help": "Allow the model directory's own Python code (custom tokenizer or model file) to run."})
@@ -32,6 +34,8 @@ class PrecomputeConfig:
             raise UserError(f"--max-length must be at least 2, got {self.max_length}")
         if not 0 <= self.valid_fraction < 1:
             raise UserError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+        if not 0 <= self.shard_index < max(self.num_shards, 1) or self.num_shards < 1:
+            raise UserError(f"--shard-index must be in [0, --num-shards), got {self.shard_index} of {self.num_shards}")
         for name in ("tokens_per_batch", "rows_per_shard"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

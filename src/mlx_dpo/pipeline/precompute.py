@@ -7,26 +7,23 @@ shard. Every input row ends in a shard or in the rejects file, with its reason.
 import math
 import shutil
 import time
-from collections import Counter
-from datetime import datetime, timezone
+from contextlib import nullcontext
 from pathlib import Path
 
 import pyarrow as pa
 from tqdm import tqdm
 
-from .. import __version__
+from ..distributed import barrier, world
 from ..errors import UserError
 from ..models import checked_model_path, load_model, load_tokenizer, weights_hash
 from ..schemas import (
     SCHEMA_VERSION,
     Manifest,
-    SplitInfo,
     describe_difference,
     identity_hash,
     read_manifest,
     ref_logps_schema,
     tokenizer_fingerprint,
-    write_json_atomic,
 )
 from ..schemas.manifest import MANIFEST_NAME
 from .config import PrecomputeConfig
@@ -34,8 +31,9 @@ from .encode import rejected_lists
 from .load import load_splits
 from .lock import LOCK_NAME, cache_lock
 from .reference import score_rows
+from .shards import finish, is_complete, owned, plan, reason_counts, write_partial
 from .sources import EVAL_CACHE_SPLIT, encode_source, rows_hash, select_sources, settle_rejected_count
-from .write import completion_tokens, shard_identity, shard_info, write_jsonl_atomic, write_shard
+from .write import shard_identity, write_jsonl_atomic, write_shard
 
 
 def _check_existing(out: Path, identity: str, fields: dict, overwrite: bool) -> Manifest | None:
@@ -88,38 +86,6 @@ def _score_into(rows: list[dict], model, pad_id: int, cfg: PrecomputeConfig, pro
         progress.update(sum(_row_tokens(rows[i], cfg.max_length) for i in batch))
 
 
-def _precompute_split(get_model, pad_id, encoded, split, out, cfg, identity, fields, progress, rejected_per_prompt):
-    """Write one split's shards (skipping complete ones); returns (SplitInfo, reject records)."""
-    rejects, infos = [], []
-    for shard_no, start in enumerate(range(0, max(len(encoded), 1), cfg.rows_per_shard)):
-        part = out / split / f"part-{shard_no:05d}.parquet"
-        rejects_part = part.with_suffix(".rejects.jsonl")
-        chunk = encoded[start : start + cfg.rows_per_shard]
-        chunk_rejects = [
-            {"split": split, "index": start + i, "reason": r} for i, r in enumerate(chunk) if isinstance(r, str)
-        ]
-        rows = [r for r in chunk if isinstance(r, dict)]
-        if part.exists() and rejects_part.exists() and shard_identity(part) == identity:
-            progress.update(sum(_row_tokens(r, cfg.max_length) for r in rows))  # complete: resume past it
-            infos.append(shard_info(part, out))
-        else:
-            _score_into(rows, get_model(), pad_id, cfg, progress)
-            _check_finite(rows, split, cfg.model)
-            part.parent.mkdir(parents=True, exist_ok=True)
-            write_jsonl_atomic(chunk_rejects, rejects_part)  # before the shard, which marks completion
-            infos.append(write_shard(_shard_table(rows, identity, fields, rejected_per_prompt), part, out))
-        rejects += chunk_rejects
-    info = SplitInfo(
-        rows_in=len(encoded),
-        rows_cached=sum(s.rows for s in infos),
-        rows_rejected=len(rejects),
-        rejected_by_reason=dict(_reason_counts(r["reason"] for r in rejects)),
-        completion_tokens=sum(completion_tokens(out / s.path) for s in infos),
-        shards=infos,
-    )
-    return info, rejects
-
-
 def _check_finite(rows: list[dict], split: str, model: str) -> None:
     """A NaN reference value would surface much later as a NaN loss; stop here instead."""
     for row in rows:
@@ -130,10 +96,6 @@ def _check_finite(rows: list[dict], split: str, model: str) -> None:
                     f"{model}: non-finite reference log-prob ({field} = {row[field]}) for {split} row "
                     f"{row['index']}; the model's weights or dtype overflow (nothing was cached for this shard)"
                 )
-
-
-def _reason_counts(reasons) -> Counter:
-    return Counter(reason.split(" (")[0] for reason in reasons)  # "prompt fills max_length (40 >= 32)"
 
 
 def _format_reasons(counts: dict) -> str:
@@ -148,7 +110,7 @@ def _check_strict(encoded: dict[str, list], data: str) -> None:
             index, reason = rejected[0]
             raise UserError(
                 f"{data} [{split}] row {index}: {reason} (--strict: {len(rejected):,} of {len(rows):,} rows "
-                f"would be rejected: {_format_reasons(_reason_counts(r for _, r in rejected))})"
+                f"would be rejected: {_format_reasons(reason_counts(r for _, r in rejected))})"
             )
 
 
@@ -180,49 +142,79 @@ def precompute(cfg: PrecomputeConfig, log=print) -> Manifest:
     }
     identity = identity_hash(fields)
     out.mkdir(parents=True, exist_ok=True)
-    with cache_lock(out):
-        return _build(cfg, out, identity, fields, sources, tokenizer, model_path, log)
+    workers, worker, group = _work_split(cfg)
+    # One lock per cache directory: under mlx.launch rank 0 holds it for all ranks.
+    with cache_lock(out) if worker == 0 or group is None else nullcontext():
+        return _build(cfg, out, identity, fields, sources, tokenizer, model_path, log, workers, worker, group)
 
 
-def _build(cfg, out, identity, fields, sources, tokenizer, model_path, log) -> Manifest:
-    """Everything that writes into `out`; runs under its lock."""
-    _refuse_links(out)
-    if (existing := _check_existing(out, identity, fields, cfg.overwrite)) is not None:
+def _work_split(cfg: PrecomputeConfig):
+    """(workers, this worker, mlx group or None): a --num-shards job, an mlx.launch rank, or everything."""
+    group = world()
+    if cfg.num_shards > 1 and group.size() > 1:
+        raise UserError("use either mlx.launch or --num-shards/--shard-index, not both")
+    if cfg.num_shards > 1:
+        return cfg.num_shards, cfg.shard_index, None
+    return (group.size(), group.rank(), group) if group.size() > 1 else (1, 0, None)
+
+
+def _build(cfg, out, identity, fields, sources, tokenizer, model_path, log, workers, worker, group):
+    """Everything that writes into `out`: this worker's shards, then (by the last one) the manifest."""
+    main, existing = worker == 0 and cfg.num_shards == 1, None
+    if worker == 0 or group is None:
+        _refuse_links(out)
+        if (existing := _check_existing(out, identity, fields, cfg.overwrite)) is None:
+            _remove_temp_files(out)
+    barrier(group)  # rank 0 has checked (and, with --overwrite, cleared) the directory
+    if existing is None and group is not None and (out / MANIFEST_NAME).is_file():
+        existing = read_manifest(out)  # rank 0 kept it, so it is this very cache
+    if existing is not None:
         log(f"Reusing cache {out} (identity {identity[:12]}): same model, tokenizer, data and options; nothing to compute.")
         return existing
-    _remove_temp_files(out)
 
     encoded = {name: encode_source(tokenizer, source, cfg) for name, source in sources.items()}
     rejected_per_prompt = settle_rejected_count(encoded)
     if cfg.strict:
         _check_strict(encoded, cfg.data)
-    total = sum(_row_tokens(r, cfg.max_length) for rows in encoded.values() for r in rows if isinstance(r, dict))
-    model_box = []
-
-    def get_model():  # loaded only if some shard still needs computing
-        if not model_box:
-            model_box.append(load_model(model_path, cfg.trust_remote_code))
-        return model_box[0]
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows_in = {name: len(rows) for name, rows in encoded.items()}
+    tasks = plan(rows_in, cfg.rows_per_shard)
+    mine = owned(tasks, workers, worker)
     started = time.perf_counter()
-    infos, rejects = {}, []
-    with tqdm(total=total, unit="tok", unit_scale=True, desc="reference log-probs", smoothing=0.1) as progress:
-        for name, rows in encoded.items():
-            infos[name], split_rejects = _precompute_split(
-                get_model, pad_id, rows, name, out, cfg, identity, fields, progress, rejected_per_prompt
-            )
-            rejects += split_rejects
-    write_jsonl_atomic(rejects, out / "rejects.jsonl")
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION, identity=identity, identity_fields=fields,
-        reference_model=cfg.model, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode,
-        splits=infos, rejects_file="rejects.jsonl", rejected_per_prompt=rejected_per_prompt,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), mlx_dpo_version=__version__,
-    )
-    write_json_atomic(out / MANIFEST_NAME, manifest.to_json())  # last: marks the cache complete
-    log(_summary(manifest, time.perf_counter() - started))
-    return manifest
+    _compute(mine, encoded, out, cfg, identity, fields, rejected_per_prompt, model_path, tokenizer, worker == 0)
+
+    base = dict(identity=identity, identity_fields=fields, reference_model=cfg.model, max_length=cfg.max_length,
+                truncation_mode=cfg.truncation_mode, rejected_per_prompt=rejected_per_prompt, rows_in=rows_in)
+    if cfg.num_shards > 1:
+        write_partial(out, base, cfg.rows_per_shard, workers, worker)
+        log(f"Shard set {worker} of {workers} written to {out} ({len(mine)} of {len(tasks)} shards); "
+            f"when all are done: mlx-dpo cache merge OUT {out} ...")
+        return None
+    barrier(group)  # every rank's shards are on disk
+    if main:
+        manifest = finish(out, tasks, base)
+        log(_summary(manifest, time.perf_counter() - started))
+    barrier(group)  # the manifest is written
+    return manifest if main else read_manifest(out)
+
+
+def _compute(tasks, encoded, out, cfg, identity, fields, rejected_per_prompt, model_path, tokenizer, show) -> None:
+    """Score and write every task not already complete (resume), with a tokens/s progress bar."""
+    todo = [t for t in tasks if not is_complete(t, out, identity)]
+    chunks = {t: encoded[t.split][t.start : t.start + cfg.rows_per_shard] for t in todo}
+    total = sum(_row_tokens(r, cfg.max_length) for chunk in chunks.values() for r in chunk if isinstance(r, dict))
+    model = load_model(model_path, cfg.trust_remote_code) if todo else None  # none to do: never load it
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with tqdm(total=total, unit="tok", unit_scale=True, desc="reference log-probs", smoothing=0.1,
+              disable=not show or None) as progress:
+        for task, chunk in chunks.items():
+            rejects = [{"split": task.split, "index": task.start + i, "reason": r}
+                       for i, r in enumerate(chunk) if isinstance(r, str)]
+            rows = [r for r in chunk if isinstance(r, dict)]
+            _score_into(rows, model, pad_id, cfg, progress)
+            _check_finite(rows, task.split, cfg.model)
+            task.path(out).parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl_atomic(rejects, task.rejects_path(out))  # before the shard, which marks completion
+            write_shard(_shard_table(rows, identity, fields, rejected_per_prompt), task.path(out), out)
 
 
 def _summary(manifest: Manifest, seconds: float) -> str:

@@ -5,6 +5,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 
+from ..distributed import world
 from ..errors import UserError
 from ..models import checked_model_path, load_model, load_tokenizer
 from ..schemas import read_manifest, tokenizer_fingerprint
@@ -61,12 +62,13 @@ def build_schedule(cfg: TrainConfig):
     return optim.join_schedules([warmup, main], [cfg.warmup_steps])
 
 
-def _split_stream(manifest, cache: str, split: str, cfg: TrainConfig, pad_id: int, shuffle: bool):
+def _split_stream(manifest, cache: str, split: str, cfg: TrainConfig, pad_id: int, shuffle: bool, group):
     shards = [Path(cache) / s.path for s in manifest.splits[split].shards]
     return PairStream(
         shards, batch_size=cfg.batch_size, max_length=manifest.max_length,
         truncation_mode=manifest.truncation_mode, pad_id=pad_id, shuffle=shuffle,
         seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, with_tails=cfg.ld_alpha is not None,
+        rank=group.rank(), ranks=group.size(),
     )
 
 
@@ -75,7 +77,10 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
     """Train; returns every metrics record of the run. `resume` continues from the run's last
     checkpoint; `stop_after` ends after that step as if interrupted (the schedule spans cfg.iters)."""
     run_dir = Path(cfg.output)
-    if (run_dir / "metrics.jsonl").exists() and not (overwrite or resume):
+    group = world()  # mlx.launch: data parallel over its ranks; rank 0 alone writes and reports
+    main = group.rank() == 0
+    log = log if main else (lambda *args, **kwargs: None)
+    if main and (run_dir / "metrics.jsonl").exists() and not (overwrite or resume):  # rank 0 may create it first
         raise UserError(f"{run_dir}: already holds a run (metrics.jsonl); use another --output, --resume or --overwrite")
     manifest = open_cache(cfg.cache, full=verify_cache)
     if manifest.splits["train"].rows_cached == 0:
@@ -98,21 +103,25 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
         f"reference from cache {manifest.identity[:12]} (not loaded)")
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_stream = _split_stream(manifest, cfg.cache, "train", cfg, pad_id, shuffle=True)
-    eval_stream = _split_stream(manifest, cfg.cache, "valid", cfg, pad_id, shuffle=False) if "valid" in manifest.splits else None
+    train_stream = _split_stream(manifest, cfg.cache, "train", cfg, pad_id, True, group)
+    eval_stream = _split_stream(manifest, cfg.cache, "valid", cfg, pad_id, False, group) if "valid" in manifest.splits else None
+    if group.size() > 1:
+        log(f"Data parallel over {group.size()} ranks: global batch {cfg.batch_size} x {group.size()} = "
+            f"{cfg.batch_size * group.size()} pairs per micro-batch")
 
-    if checkpoint is None:
+    if checkpoint is None and main:
         start_run_dir(cfg, run_dir, manifest.identity, overwrite)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-    records = metrics_log.keep_until(checkpoint.step) if checkpoint is not None else []
+    records = metrics_log.keep_until(checkpoint.step) if checkpoint is not None and main else []
     loss_fn = make_loss_fn(cfg.loss_options(), cfg.ld_alpha)
 
     def report(step: int, split: str, metrics: dict) -> None:
-        records.append(metrics_log.write(step, split, metrics))
-        log(format_report(records[-1]))
+        if main:
+            records.append(metrics_log.write(step, split, metrics))
+            log(format_report(records[-1]))
 
     def run_eval(step: int) -> None:
-        report(step, "eval", evaluate(model, loss_fn, eval_stream.epoch(0), cfg.val_batches))
+        report(step, "eval", evaluate(model, loss_fn, eval_stream.epoch(0), cfg.val_batches, group))
 
     optimizer = optim.AdamW(learning_rate=build_schedule(cfg), weight_decay=cfg.weight_decay)
     if checkpoint is not None:
@@ -125,15 +134,16 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
     batches = TrackedBatches(train_stream, checkpoint.cursor if checkpoint is not None else Cursor())
 
     def save(step: int) -> None:
-        save_adapters(model, run_dir, step)
-        save_checkpoint(run_dir, step, model, optimizer, batches.cursor)
+        if main:
+            save_adapters(model, run_dir, step)
+            save_checkpoint(run_dir, step, model, optimizer, batches.cursor)
 
     train(
         model, optimizer, batches, loss_fn, iters=cfg.iters, start_step=checkpoint.step if checkpoint else 0,
         stop_after=stop_after, grad_accumulation_steps=cfg.grad_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
         steps_per_report=cfg.steps_per_report, steps_per_eval=cfg.steps_per_eval, steps_per_save=cfg.steps_per_save,
         on_report=lambda step, metrics: report(step, "train", metrics),
-        on_eval=run_eval if eval_stream is not None else None, on_save=save,
+        on_eval=run_eval if eval_stream is not None else None, on_save=save, group=group,
     )
     if stop_after is not None and stop_after < cfg.iters:
         log(f"Stopped after step {stop_after} of {cfg.iters} as asked; continue with the same options and --resume")

@@ -51,20 +51,26 @@ class PairStream:
     """
 
     def __init__(self, shards, *, batch_size, max_length, truncation_mode, pad_id,
-                 shuffle=True, seed=0, shuffle_buffer=4096, pad_to_multiple=32, with_tails=False):
+                 shuffle=True, seed=0, shuffle_buffer=4096, pad_to_multiple=32, with_tails=False,
+                 rank=0, ranks=1):
         self.shards = [Path(s) for s in shards]
         self.batch_size = batch_size
         self.collate = dict(max_length=max_length, truncation_mode=truncation_mode, pad_id=pad_id,
                             pad_to_multiple=pad_to_multiple)
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, max(shuffle_buffer, batch_size)
         self.columns = ROW_COLUMNS + (TAIL_COLUMNS if with_tails else [])
+        # Data parallel: every rank forms the same global batches of batch_size x ranks pairs and
+        # keeps every ranks-th row of each, so together they train exactly what one process would.
+        self.rank, self.ranks = rank, ranks
 
     def _buffer_batches(self, buffer: list[dict], rng) -> list[list[dict]]:
         buffer.sort(key=_pair_length)
-        batches = [buffer[i : i + self.batch_size] for i in range(0, len(buffer), self.batch_size)]
+        size = self.batch_size * self.ranks
+        batches = [buffer[i : i + size] for i in range(0, len(buffer), size)]
         if rng is not None:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
+        # A global batch too small to give every rank a row is dropped (only ever the last of a buffer).
+        return [b[self.rank :: self.ranks] for b in batches if len(b) >= self.ranks]
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None

@@ -10,6 +10,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
+from ..distributed import all_sum
 from ..logps import sequence_logps, shared_lengths, split_chosen_rejected
 from ..losses import preference_loss
 from .stream import Batch
@@ -68,17 +69,18 @@ def _arrays(batch: Batch) -> tuple[mx.array, ...]:
     return tuple(mx.array(a) for a in arrays)
 
 
-def evaluate(model, loss_fn, batches: Iterator[Batch], max_batches: int) -> dict:
-    """Metrics averaged over pairs of up to `max_batches` batches (-1: all)."""
-    totals, pairs, ntoks = mx.zeros(len(METRIC_NAMES)), 0, 0
+def evaluate(model, loss_fn, batches: Iterator[Batch], max_batches: int, group=None) -> dict:
+    """Metrics averaged over pairs of up to `max_batches` batches (-1: all), summed over ranks."""
+    totals, pairs, ntoks = mx.zeros(len(METRIC_NAMES)), mx.array(0.0), mx.array(0.0)
     for i, batch in enumerate(batches):
         if i == max_batches:
             break
         _, (metrics, toks) = loss_fn(model, *_arrays(batch))
         n = len(batch.indices)
         totals, pairs, ntoks = totals + metrics * n, pairs + n, ntoks + toks
-        mx.eval(totals, ntoks)
-    return {**dict(zip(METRIC_NAMES, (totals / max(pairs, 1)).tolist())), "ntoks": int(ntoks)}
+        mx.eval(totals, pairs, ntoks)
+    totals, pairs, ntoks = (all_sum(x, group) for x in (totals, pairs, ntoks))
+    return {**dict(zip(METRIC_NAMES, (totals / mx.maximum(pairs, 1)).tolist())), "ntoks": int(ntoks.item())}
 
 
 def train(
@@ -98,10 +100,12 @@ def train(
     on_report: Callable[[int, dict], None] = lambda step, metrics: None,
     on_eval: Callable[[int], None] | None = None,
     on_save: Callable[[int], None] = lambda step: None,
+    group=None,
 ) -> None:
     """Run optimizer steps `start_step+1 .. iters`, or `.. stop_after` as if interrupted there (the
     schedule is the optimizer's and still spans `iters`). Each step consumes `grad_accumulation_steps`
-    batches. Step 1 is always reported: at step 1 the policy is still the reference, so its loss
+    batches. Under mlx.launch (`group` of N ranks) gradients are averaged and reported metrics are
+    means over ranks. Step 1 is always reported: at step 1 the policy is still the reference, so its loss
     is ln 2 and its margins 0, a check that both stages score tokens the same way."""
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
@@ -116,6 +120,8 @@ def train(
     @partial(mx.compile, inputs=state, outputs=state)
     def update(grad):
         grad = tree_map(lambda g: g / grad_accumulation_steps, grad)
+        if ranks > 1:
+            grad = nn.average_gradients(grad, group)
         if max_grad_norm > 0:
             grad, norm = optim.clip_grad_norm(grad, max_grad_norm)
         else:
@@ -123,6 +129,7 @@ def train(
         optimizer.update(model, grad)
         return norm
 
+    ranks = 1 if group is None else group.size()
     model.train()
     # ---- running sums for the next report ----
     sums, ntoks, grad_norms, steps, seconds = mx.zeros(len(METRIC_NAMES)), 0, 0.0, 0, 0.0
@@ -143,6 +150,7 @@ def train(
 
         # ---- report ----
         if step % steps_per_report == 0 or step == iters or step == 1:
+            sums, ntoks = all_sum(sums, group) / ranks, all_sum(mx.array(ntoks), group).item()
             report = dict(zip(METRIC_NAMES, (sums / steps).tolist()))
             report.update(
                 ntoks=int(ntoks), tokens_per_sec=int(ntoks) / seconds, learning_rate=learning_rate.item(),
