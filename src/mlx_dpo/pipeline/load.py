@@ -8,7 +8,6 @@ from .validate import check_data_files
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Split names datasets infers from file names, mapped to the names the cache uses.
 EVAL_SPLIT_NAMES = ("validation", "valid", "val", "dev")
-REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
 
 
 def load_splits(data: str) -> dict:
@@ -52,12 +51,3 @@ def pick_split(splits, name: str, data: str):
 
 def find_eval_split(splits, train_split: str) -> str | None:
     return next((s for s in EVAL_SPLIT_NAMES if s in splits and s != train_split), None)
-
-
-def check_columns(dataset, data: str, split: str) -> None:
-    missing = [f for f in REQUIRED_FIELDS if f not in dataset.column_names]
-    if missing:
-        raise UserError(
-            f"{data} [{split}]: missing column {', '.join(map(repr, missing))} "
-            f"(columns: {', '.join(dataset.column_names)}; expected prompt, chosen, rejected)"
-        )

@@ -46,7 +46,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(_canonical(state)).hexdigest()
 
 
-def _short(value) -> str:
+def short_value(value) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return text[:12] + "…" if len(text) > 16 else text
 
@@ -59,7 +59,7 @@ def describe_difference(cached: dict, current: dict, current_name: str = "this r
         if isinstance(old, dict) and isinstance(new, dict):
             for sub in sorted(set(old) | set(new)):
                 if old.get(sub) != new.get(sub):
-                    parts.append(f"{key}.{sub} differs: cache {_short(old.get(sub))}, {current_name} {_short(new.get(sub))}")
+                    parts.append(f"{key}.{sub} differs: cache {short_value(old.get(sub))}, {current_name} {short_value(new.get(sub))}")
         elif old != new:
-            parts.append(f"{key} differs: cache {_short(old)}, {current_name} {_short(new)}")
+            parts.append(f"{key} differs: cache {short_value(old)}, {current_name} {short_value(new)}")
     return "; ".join(parts)

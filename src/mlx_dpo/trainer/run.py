@@ -9,7 +9,7 @@ from ..distributed import world
 from ..errors import UserError
 from ..models import checked_model_path, load_model, load_tokenizer
 from ..schemas import read_manifest, tokenizer_fingerprint
-from ..schemas.identity import _short
+from ..schemas.identity import short_value
 from ..schemas.verify import check_cache
 from .checkpoint import (
     Cursor,
@@ -45,7 +45,7 @@ def check_tokenizer(manifest, tokenizer, cache: str, model: str) -> None:
     cached, current = manifest.identity_fields["tokenizer"], tokenizer_fingerprint(tokenizer)
     if cached != current:
         raise UserError(
-            f"tokenizer differs: cache {_short(cached)}, model {_short(current)} "
+            f"tokenizer differs: cache {short_value(cached)}, model {short_value(current)} "
             f"({cache} was precomputed with another tokenizer than {model}'s; the token ids would not match)"
         )
 
