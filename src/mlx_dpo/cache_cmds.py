@@ -5,6 +5,7 @@ from pathlib import Path
 import click
 
 from .errors import UserError
+from .remote import cache_argument
 
 
 @click.group("cache")
@@ -23,7 +24,7 @@ def read_cache_manifest(cache_dir: str):
 
 
 @cache.command()
-@click.argument("cache_dir", metavar="CACHE", type=click.Path())
+@click.argument("cache_dir", metavar="CACHE", type=click.Path(), callback=cache_argument)
 @click.option("--quick", is_flag=True, help="Only paths, sizes and row counts (no sha256, no values).")
 def verify(cache_dir, quick):
     """Check a cache: every shard's sha256, size, row count, schema and identity, finite reference

@@ -19,6 +19,7 @@ from .cli_help import GroupedCommand, GroupedOption
 from .errors import UserError
 from .look_cmds import cache_inspect, cache_ls, report
 from .pipeline.config import PrecomputeConfig
+from .remote import is_remote, local_cache, precompute_remote
 from .trainer.config import TrainConfig
 
 
@@ -112,7 +113,11 @@ def precompute(config_file, **options):
     """
     from .pipeline.precompute import precompute as run
 
-    run(build_config(PrecomputeConfig, options, config_file), log=click.echo)
+    cfg = build_config(PrecomputeConfig, options, config_file)
+    if is_remote(cfg.out):  # built in a local staging directory, then uploaded
+        precompute_remote(cfg, run, log=click.echo)
+    else:
+        run(cfg, log=click.echo)
 
 
 @cli.command(cls=GroupedCommand)
@@ -135,7 +140,9 @@ def train(config_file, overwrite, resume, stop_after, verify_cache, **options):
     """
     from .trainer.run import run_training
 
-    run_training(build_config(TrainConfig, options, config_file), overwrite=overwrite, log=click.echo,
+    cfg = build_config(TrainConfig, options, config_file)
+    cfg = dataclasses.replace(cfg, cache=local_cache(cfg.cache, log=click.echo))  # a URL: its local mirror
+    run_training(cfg, overwrite=overwrite, log=click.echo,
                  resume=resume, stop_after=stop_after, verify_cache=verify_cache)
 
 

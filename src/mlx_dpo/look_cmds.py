@@ -5,6 +5,7 @@ from pathlib import Path
 import click
 
 from .cache_cmds import read_cache_manifest
+from .remote import cache_argument
 
 
 @click.command("ls")
@@ -17,7 +18,7 @@ def cache_ls(root):
 
 
 @click.command("inspect")
-@click.argument("cache_dir", metavar="CACHE", type=click.Path())
+@click.argument("cache_dir", metavar="CACHE", type=click.Path(), callback=cache_argument)
 def cache_inspect(cache_dir):
     """Show what CACHE holds: identity, schema, rows per split, token-length percentiles, reference
     log-prob distribution and rejected rows by reason."""

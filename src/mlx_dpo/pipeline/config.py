@@ -10,7 +10,7 @@ from ..schemas.sequence import TRUNCATION_MODES
 class PrecomputeConfig:
     model: str = field(metadata={"group": "Model", "help": "Reference model: local directory or Hugging Face id."})
     data: str = field(metadata={"group": "Data", "help": "Preference data: .jsonl/.json/.parquet/.csv file, folder with train/valid files, or hub id."})
-    out: str = field(metadata={"group": "Output", "help": "Cache directory to write (manifest.json + <split>/part-NNNNN.parquet)."})
+    out: str = field(metadata={"group": "Output", "help": "Cache directory to write (manifest.json + <split>/part-NNNNN.parquet), or s3://bucket/prefix (built locally, then uploaded)."})
     split: str = field(default="train", metadata={"group": "Data", "help": "Data split to train on."})
     valid_fraction: float = field(default=0.0, metadata={"group": "Data", "help": "Hold out this fraction of --split (a fixed, seeded choice) as the valid split, when the data has none."})
     prompt_field: str = field(default="prompt", metadata={"group": "Data", "help": "Prompt column; when absent, the prompt is the common prefix of chosen and rejected (TRL's implicit prompt)."})

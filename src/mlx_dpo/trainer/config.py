@@ -16,7 +16,7 @@ REJECTED_AGGREGATIONS = ("pairwise", "softmax")
 @dataclass(frozen=True)
 class TrainConfig:
     # data / model / output
-    cache: str = field(metadata={"group": "Data", "help": "Reference cache directory written by `mlx-dpo precompute`."})
+    cache: str = field(metadata={"group": "Data", "help": "Reference cache written by `mlx-dpo precompute`: a directory, or s3://bucket/prefix (downloaded to ~/.cache/mlx-dpo/remote)."})
     model: str = field(metadata={"group": "Model", "help": "Starting policy: local directory or Hugging Face id (usually the reference model)."})
     output: str = field(metadata={"group": "Output", "help": "Run directory: adapters, checkpoints, metrics.jsonl, config.yaml."})
     # loss

@@ -1,0 +1,213 @@
+"""Caches on object storage: precompute to s3://, reuse, train and verify from it, refuse bad
+objects; against moto's S3 server (a local process, no network)."""
+
+import hashlib
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pyarrow.fs as pafs
+import pytest
+from click.testing import CliRunner
+
+from mlx_dpo import remote
+from mlx_dpo.cli import cli
+
+BUCKET = "mlx-dpo-test"
+CACHE_URL = f"s3://{BUCKET}/caches/c1"
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result, expected):
+    assert result.exit_code == 1, result.output
+    assert expected in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def forget_local():
+    """Drop staging and mirrors, so only the bucket can answer."""
+    shutil.rmtree(remote.user_cache_dir(), ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except urllib.error.HTTPError:
+                break  # answering
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def s3(endpoint, tmp_path_factory):
+    """The usual AWS_* variables pointing at the server, a private user cache, and a bucket."""
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_REGION", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            env.delenv(name, raising=False)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        env.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
+        host = endpoint.removeprefix("http://")
+        pafs.S3FileSystem(endpoint_override=host, scheme="http", allow_bucket_creation=True).create_dir(BUCKET)
+        yield remote.open_location(f"s3://{BUCKET}")[0]
+
+
+@pytest.fixture(scope="module")
+def uploaded(s3, tiny_model_dir, standard_data):
+    """precompute --out s3://..., recording the order of the uploads."""
+    order = []
+    put = remote._put
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(remote, "_put", lambda fs, local, path, name: order.append(name) or put(fs, local, path, name))
+        result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", CACHE_URL,
+                     "--rows-per-shard", 8)
+    assert result.exit_code == 0, result.output
+    return result.output, order
+
+
+def objects(fs, prefix: str) -> dict[str, bytes]:
+    infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True))
+    found = {}
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as stream:
+                found[info.path.removeprefix(f"{BUCKET}/{prefix}/")] = stream.read()
+    return found
+
+
+def copy_cache(fs, name: str) -> str:
+    """A copy of the uploaded cache under caches/<name>, to damage."""
+    for relative in objects(fs, "caches/c1"):
+        fs.copy_file(f"{BUCKET}/caches/c1/{relative}", f"{BUCKET}/caches/{name}/{relative}")
+    return f"s3://{BUCKET}/caches/{name}"
+
+
+def test_locations(s3):
+    assert remote.is_remote(CACHE_URL) and not remote.is_remote("caches/c1") and not remote.is_remote("/tmp/c")
+    assert remote.staging_dir(CACHE_URL + "/") == remote.staging_dir(CACHE_URL)
+    assert remote.staging_dir(CACHE_URL).is_relative_to(remote.user_cache_dir())
+    with pytest.raises(remote.UserError, match="gs://b/c: not a cache location"):
+        remote.open_location("gs://b/c")
+
+
+def test_precompute_uploads_every_file_manifest_last(s3, uploaded):
+    output, order = uploaded
+    assert f"Uploaded {CACHE_URL}" in output, output
+    stored = objects(s3, "caches/c1")
+    assert sorted(stored) == sorted(["manifest.json", "rejects.jsonl", "train/part-00000.parquet",
+                                     "train/part-00000.rejects.jsonl", "train/part-00001.parquet",
+                                     "train/part-00001.rejects.jsonl"])
+    assert sorted(order) == sorted(f"{CACHE_URL}/{name}" for name in stored)
+    assert order[-1] == f"{CACHE_URL}/manifest.json"  # last: a reader never sees a partial cache
+    manifest = json.loads(stored["manifest.json"])
+    for shard in manifest["splits"]["train"]["shards"]:
+        assert hashlib.sha256(stored[shard["path"]]).hexdigest() == shard["sha256"]
+    # the staging directory became the local mirror
+    assert not remote.staging_dir(CACHE_URL).exists()
+    assert (remote.user_cache_dir() / "remote" / manifest["identity"] / "manifest.json").is_file()
+
+
+def test_rerun_reuses_the_remote_cache(s3, uploaded, tiny_model_dir, standard_data):
+    forget_local()
+    before = s3.get_file_info(f"{BUCKET}/caches/c1/manifest.json").mtime
+    result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", CACHE_URL,
+                 "--rows-per-shard", 8)
+    assert result.exit_code == 0, result.output
+    assert f"Reusing cache {CACHE_URL} (identity" in result.output, result.output
+    assert "Uploaded" not in result.output and "written in" not in result.output
+    assert s3.get_file_info(f"{BUCKET}/caches/c1/manifest.json").mtime == before
+
+
+def test_precompute_refuses_other_inputs_at_the_url(s3, uploaded, tiny_model_dir, standard_data):
+    result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", CACHE_URL,
+                 "--rows-per-shard", 8, "--max-length", 64)
+    one_line_error(result, f"{CACHE_URL}: holds a cache of other inputs")
+
+
+def test_train_from_s3_step1_is_ln2(s3, uploaded, tiny_model_dir, tmp_path):
+    forget_local()
+    result = run("train", "--cache", CACHE_URL, "--model", tiny_model_dir, "--output", tmp_path / "run",
+                 "--iters", 2, "--batch-size", 4, "--learning-rate", 1e-2, "--steps-per-report", 1)
+    assert result.exit_code == 0, result.output
+    assert "(5 of 5 files downloaded)" in result.output, result.output
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    first = next(r for r in records if r["split"] == "train")
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+    logs = []
+    mirror = remote.fetch(CACHE_URL, log=logs.append)  # all there: nothing to download
+    assert "(0 of 5 files downloaded)" in logs[-1]
+    shard = mirror / "train" / "part-00000.parquet"
+    good = shard.read_bytes()
+    shard.write_bytes(bytes(255 - b for b in good))  # a damaged local copy is fetched again
+    remote.fetch(CACHE_URL, log=logs.append)
+    assert "(1 of 5 files downloaded)" in logs[-1] and shard.read_bytes() == good
+
+
+def test_cache_verify_and_inspect_take_a_url(s3, uploaded):
+    forget_local()
+    verify = run("cache", "verify", CACHE_URL)
+    assert verify.exit_code == 0 and ": OK (" in verify.output, verify.output
+    inspect = run("cache", "inspect", CACHE_URL)
+    assert inspect.exit_code == 0 and "Rows" in inspect.output, inspect.output
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda data: bytes(255 - b for b in data), "sha256 differs from the manifest"),
+    (lambda data: data[:-10], "bytes, manifest says"),
+])
+def test_corrupted_remote_shard_is_refused(s3, uploaded, tiny_model_dir, tmp_path, damage, expected):
+    url = copy_cache(s3, "bad")
+    shard = f"{BUCKET}/caches/bad/train/part-00001.parquet"
+    with s3.open_input_stream(shard) as stream:
+        data = stream.read()
+    with s3.open_output_stream(shard) as stream:
+        stream.write(damage(data))
+    forget_local()
+    result = run("train", "--cache", url, "--model", tiny_model_dir, "--output", tmp_path / "run", "--iters", 1)
+    one_line_error(result, f"{url}/train/part-00001.parquet: ")
+    assert expected in result.output
+    assert not list(remote.user_cache_dir().glob("remote/*/train/part-00001.parquet"))
+
+
+@pytest.mark.parametrize("url", [f"s3://{BUCKET}/caches/nothing", "s3://no-such-bucket-here/c"])
+def test_url_without_a_cache(s3, tmp_path, tiny_model_dir, url):
+    result = run("train", "--cache", url, "--model", tiny_model_dir, "--output", tmp_path / "run")
+    one_line_error(result, f"{url}: not a complete mlx-dpo cache (no manifest.json")
+
+
+def test_manifest_paths_outside_the_cache_are_refused(s3, uploaded):
+    url = copy_cache(s3, "escape")
+    manifest = json.loads(objects(s3, "caches/escape")["manifest.json"])
+    manifest["splits"]["train"]["shards"][0]["path"] = "../c1/train/part-00000.parquet"
+    with s3.open_output_stream(f"{BUCKET}/caches/escape/manifest.json") as stream:
+        stream.write(json.dumps(manifest).encode())
+    one_line_error(run("cache", "verify", url), f"{url}: manifest path '../c1/train/part-00000.parquet' points outside")
