@@ -13,8 +13,9 @@ PRECOMPUTE_ARGS ?= --max-length 256
 # Tuned for the demo: a random-init tiny Llama learns the preference within a minute or two.
 TRAIN_ARGS ?= --iters 150 --batch-size 8 --learning-rate 1e-4 --warmup-steps 10 --steps-per-report 10 --steps-per-eval 50 --steps-per-save 50
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install demo precompute train test test-slow lint clean
+.PHONY: install demo precompute train test test-slow lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,11 @@ test: $(VENV)/.test-installed
 
 test-slow: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# Side-by-side benchmark (not part of `make test`): writes bench/results.{json,md}; ~15 min on 2 cores.
+# Installs mlx-lm-lora into bench/.venv-peers on first use. BENCH_ARGS=--quick for a < 3 min check.
+bench: $(VENV)/.test-installed
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check src tests

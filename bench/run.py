@@ -1,0 +1,190 @@
+"""`make bench` (or `python bench/run.py [--quick]`): mlx-dpo side by side with the alternatives.
+
+Builds the inputs (bench/build.py), runs every measurement in its own process (bench/tasks.py,
+bench/peers.py), and writes bench/results.json and bench/results.md. Every comparison is a ratio of two
+numbers measured in the same run; the 1-minute load average is recorded next to each measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from build import build
+from common import BENCH, MARK, MODES, OUT, PEER_VENV
+from report import markdown, targets
+
+PEER_PACKAGES = ["mlx-lm-lora==5.10.2"]  # the MLX peer; mlx and mlx-lm are pinned to ours
+
+
+def task(label: str, script: str, name: str, spec: dict, python: str = sys.executable, env: dict | None = None,
+         timeout: int = 1200) -> dict:
+    """Run one measurement in a fresh process; its result dict, or {"error": why}."""
+    tic = time.perf_counter()
+    print(f"  {label} ...", end="", flush=True)
+    cmd = [python, str(BENCH / script), name, json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=BENCH,
+                              env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
+    except subprocess.TimeoutExpired:
+        print(" timeout")
+        return {"error": f"timed out after {timeout}s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+        print(f" failed (exit {proc.returncode})")
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:]}
+    result = json.loads(lines[-1][len(MARK):])
+    shown = {k: v for k, v in result.items() if k in ("step_s", "tokens_per_s", "gflops_2048", "gflops_1024", "extra_peak_bytes")}
+    print(f" {time.perf_counter() - tic:.0f}s {shown} (load {result['load1_before']})", flush=True)
+    return result
+
+
+def peer_python() -> tuple[str | None, str]:
+    """bench/.venv-peers/bin/python with mlx-lm-lora installed (created on first use), or (None, why not)."""
+    python, marker, log = PEER_VENV / "bin" / "python", PEER_VENV / ".installed", OUT / "peers-install.log"
+    packages = PEER_PACKAGES + [f"mlx[cpu]=={version('mlx')}", f"mlx-lm=={version('mlx-lm')}"]
+    if marker.exists() and marker.read_text() == " ".join(packages):
+        return str(python), "installed"
+    print(f"  installing {', '.join(packages)} into {PEER_VENV} (once) ...", flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        ok = subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], stdout=f, stderr=f).returncode == 0
+        ok = ok and subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages],
+                                   stdout=f, stderr=f).returncode == 0
+    if not ok:
+        lines = [line for line in log.read_text().splitlines() if line.strip() and "WARNING" not in line]
+        return None, f"pip install {' '.join(packages)} failed: " + " | ".join(lines[-2:])
+    marker.write_text(" ".join(packages))
+    return str(python), "installed"
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return dict(system=f"{platform.system()} {platform.machine()}", cpu=cpu, cores=os.cpu_count(),
+                avx2=" avx2" in flags, avx512f=" avx512f" in flags, memory_gb=round(mem / 2**30, 1),
+                python=platform.python_version(),
+                versions={p: v(p) for p in ("mlx", "mlx-lm", "mlx-dpo", "numpy", "torch", "transformers", "trl")})
+
+
+def run(mode: str, with_peers: bool) -> dict:
+    m = MODES[mode]
+    root = OUT / mode
+    print(f"mlx-dpo bench, mode {mode}: building inputs under {root} ...", flush=True)
+    paths = build(mode)
+    model, vocab_model = paths["models"]["bench-125m"], paths["models"]["bench-vocab"]
+    max_length = 4 * (m["prompt_mean"] + m["response_mean"])
+    steps = dict(warmup=m["warmup_steps"], measured=m["measured_steps"])
+    res = {"mode": mode, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "command": "make bench" if mode == "full" else "python bench/run.py --quick",
+           "machine": machine(), "shapes": m["models"], "settings": {k: v for k, v in m.items() if k != "models"}}
+
+    print("1. matmul", flush=True)
+    sizes = {"sizes": m["matmul_sizes"]}
+    res["matmul"] = {
+        "mlx_wheel_blas": task("mlx, wheel's BLAS", "tasks.py", "matmul", sizes, env={"MLX_DPO_OPENBLAS": "0"}),
+        "mlx_openblas": task("mlx after import mlx_dpo", "tasks.py", "matmul", sizes),
+        "numpy": task("numpy", "tasks.py", "numpy_matmul", sizes),
+    }
+    status = res["matmul"]["mlx_openblas"].get("blas_status", "")
+    openblas = status.split(" from ", 1)[1] if status.startswith("loaded") else None
+
+    print("2. precompute", flush=True)
+    res["precompute"] = {
+        "ours": task("mlx-dpo precompute", "tasks.py", "precompute", dict(
+            model=model, data=paths["precompute_data"], out=str(root / "cache-precompute"), max_length=max_length)),
+        "trl": task("TRL precompute_ref_log_probs", "peers.py", "trl_precompute", dict(
+            model=model, data=paths["precompute_data"], max_length=max_length, batch_size=8, out=str(root / "trl"))),
+    }
+
+    print("3. train step (4 pairs)", flush=True)
+    step_cache = str(root / "cache-step")
+    res["step_cache"] = task("precompute the step pairs", "tasks.py", "precompute", dict(
+        model=model, data=paths["step_data"], out=step_cache, max_length=max_length))
+    rows = str(root / "step_rows.json")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(next(Path(step_cache).glob("train/part-*.parquet")))
+    Path(rows).write_text(json.dumps(table.select(["prompt_ids", "chosen_ids", "rejected_ids"]).to_pylist()))
+    peer, why = peer_python() if with_peers else (None, "skipped (--no-peers)")
+    res["peer_install"] = why
+    train = res["train"] = {}
+    for ft in ("lora", "full"):
+        common = dict(model=model, fine_tune=ft, out=str(root / f"runs/{ft}"), **steps)
+        train[ft] = {
+            "cached": task(f"{ft}: ours, cached reference", "tasks.py", "train", dict(common, cache=step_cache, online=False)),
+            "online": task(f"{ft}: ours, online reference", "tasks.py", "train", dict(common, cache=step_cache, online=True)),
+            "mlx_lm_lora": task(f"{ft}: mlx-lm-lora", "peers.py", "mlx_lm_lora_train", dict(common, rows=rows, openblas=openblas),
+                                python=peer) if peer else {"error": f"mlx-lm-lora not installed: {why}"},
+        }
+    for label, precomputed in (("trl_precomputed", True), ("trl_online", False)):
+        train["full"][label] = task(f"full: TRL, {label[4:]}", "peers.py", "trl_train", dict(
+            model=model, data=paths["step_data"], precompute=precomputed, out=str(root / f"trl-{label}"), **steps))
+        train["lora"][label] = {"error": "TRL LoRA needs peft, not installed"}
+
+    print("4. padding", flush=True)
+    res["padding"] = task("batcher padding waste", "tasks.py", "padding", dict(
+        cache_rows=m["padding_pairs"], prompt_mean=m["prompt_mean"], response_mean=m["response_mean"], out=str(root / "padding")))
+
+    print("5. log-prob memory and speed", flush=True)
+    seq = m["logps_seq"]
+    lg = res["logps"] = {"body": task("transformer body only", "logps_tasks.py", "logps_memory",
+                                      dict(model=vocab_model, variant="body", seq=seq))}
+    for name, path in (("vocab", vocab_model), ("125m", model)):
+        for variant in ("ours", "plain", "chunked"):
+            lg[f"{variant}_{name}"] = task(f"{variant}, {name}", "logps_tasks.py", "logps_memory",
+                                           dict(model=path, variant=variant, seq=seq))
+    vocab = m["models"]["bench-vocab"]["vocab_size"]
+    for variant in ("ours", "plain"):
+        lg[f"token_logps_{variant}"] = task(f"token_logps {variant} on given logits", "logps_tasks.py",
+                                            "token_logps_memory", dict(vocab=vocab, seq=seq, variant=variant))
+
+    print("6. optimisations (interleaved A/B in one process)", flush=True)
+    res["lse_speed"] = task("log-sum-exp speed", "logps_tasks.py", "lse_speed", dict(
+        rows=m["lse_rows"], vocab=m["models"]["bench-125m"]["vocab_size"]))
+    rows_, seq_ = m["variants_batch"]
+    res["forward_variants"] = task("precompute forward variants", "variants.py", "forward_variants", dict(
+        model=model, rows=rows_, seq=seq_, reps=m["variants_reps"]))
+    res["train_variants"] = task("train step variants (LoRA)", "variants.py", "train_variants", dict(
+        model=model, cache=step_cache, fine_tune="lora", reps=m["variants_reps"] - 1))
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes and few steps (< 3 min), for developing")
+    parser.add_argument("--no-peers", action="store_true", help="do not install or run mlx-lm-lora")
+    parser.add_argument("--out", default=None, help="results stem (default bench/results, or bench/out/quick-results)")
+    args = parser.parse_args()
+    mode = "quick" if args.quick else "full"
+    stem = Path(args.out) if args.out else (BENCH / "results" if mode == "full" else OUT / "quick-results")
+    tic = time.perf_counter()
+    res = run(mode, with_peers=not args.no_peers)
+    res["bench_seconds"] = round(time.perf_counter() - tic, 1)
+    res["targets"] = targets(res)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(res))
+    print(f"\n{markdown(res)}\nWrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')} in {res['bench_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

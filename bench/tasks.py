@@ -1,0 +1,216 @@
+"""Bench tasks that run in the project's venv, one per process: `python bench/tasks.py TASK '{spec}'`.
+
+matmul and numpy_matmul (figure 1), precompute (2), train with the cached or the online reference (3),
+padding (4); figure 5 and the optimisations are in logps_tasks.py. Each returns a dict of numbers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from common import cpu_per_step, mlx_peak_bytes, rate_stats, step_stats, task_main
+
+import mlx_dpo  # first: loads OpenBLAS before mlx (unless MLX_DPO_OPENBLAS=0)
+
+
+def _gflops(run, n: int, budget_s: float = 2.0) -> float:
+    """GFLOP/s of the fastest of >= 3 runs (contention only slows a run down)."""
+    run()  # warm up (thread pools, first-touch pages)
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < budget_s:
+        tic = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - tic)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def matmul(sizes: list[int]) -> dict:
+    """MLX float32 n x n matmul, with whatever BLAS this process got."""
+    import mlx.core as mx
+
+    out = {"blas_status": mlx_dpo.BLAS_STATUS}
+    for n in sizes:
+        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+        mx.eval(a, b)
+        out[f"gflops_{n}"] = round(_gflops(lambda a=a, b=b: mx.eval(a @ b), n), 1)
+    return out
+
+
+def numpy_matmul(sizes: list[int]) -> dict:
+    import numpy as np
+
+    out = {"numpy": np.__version__}
+    for n in sizes:
+        a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+        out[f"gflops_{n}"] = round(_gflops(lambda a=a: a @ a, n), 1)
+    return out
+
+
+def matmul_params(model) -> int:
+    """Weights that take part in a matmul per token: every Linear (lm_head included), not the embedding."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.size for k, v in tree_flatten(model.parameters()) if k.endswith("proj.weight") or k.startswith("lm_head"))
+
+
+def precompute(model: str, data: str, out: str, max_length: int) -> dict:
+    """`mlx-dpo precompute` through its Python entry point; the reference forward is timed on its own."""
+    import mlx_dpo.pipeline.precompute as stage
+    from mlx_dpo.pipeline.config import PrecomputeConfig
+
+    batches, box = [], {}
+    score_rows = stage.score_rows
+
+    def timed_score_rows(model_, rows, **kw):  # the reference forwards alone, batch by batch
+        box["model"] = model_
+        it = score_rows(model_, rows, **kw)
+        while True:
+            tic = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            tokens = sum(2 * len(rows[i]["prompt_ids"]) + len(rows[i]["chosen_ids"]) + len(rows[i]["rejected_ids"])
+                         for i in item[0])
+            batches.append((tokens, time.perf_counter() - tic))
+            yield item
+
+    stage.score_rows = timed_score_rows
+    shutil.rmtree(out, ignore_errors=True)  # a cache hit would skip the forward
+    cfg = PrecomputeConfig(model=model, data=data, out=out, max_length=max_length)
+    tic = time.perf_counter()
+    stage.precompute(cfg, log=lambda *a: None)
+    total_s = time.perf_counter() - tic
+    stats = rate_stats(batches)
+    params = matmul_params(box["model"])
+    assert stats["tokens"] == _cache_tokens(out), "timed batches do not cover the cache"
+    return dict(stats, total_s=round(total_s, 2), end_to_end_tokens_per_s=round(stats["tokens"] / total_s, 1),
+                matmul_params=params, model_gflops=round(2 * params * stats["tokens_per_s"] / 1e9, 1),
+                best_half_model_gflops=round(2 * params * stats["best_half_tokens_per_s"] / 1e9, 1))
+
+
+def _cache_tokens(cache: str) -> int:
+    """Tokens of all chosen and rejected sequences (prompt included), as the forward sees them unpadded."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for shard in sorted(Path(cache).glob("train/part-*.parquet")):
+        for r in pq.read_table(shard, columns=["prompt_ids", "chosen_ids", "rejected_ids"]).to_pylist():
+            total += 2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
+    return total
+
+
+def train(model: str, cache: str, fine_tune: str, online: bool, warmup: int, measured: int, out: str) -> dict:
+    """Our train() on the cache; with `online`, the same trainer also loads the reference model and runs
+    it inside every step (kept only here, as the baseline the cache removes)."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    from mlx_dpo.logps import sequence_logps, split_chosen_rejected
+    from mlx_dpo.models import load_model, load_tokenizer
+    from mlx_dpo.trainer.config import TrainConfig
+    from mlx_dpo.trainer.policy import prepare_policy
+    from mlx_dpo.trainer.run import build_schedule, open_cache
+    from mlx_dpo.trainer.stream import PairStream
+    from mlx_dpo.trainer.train import make_loss_fn
+    from mlx_dpo.trainer.train import train as train_loop
+
+    cfg = TrainConfig(cache=cache, model=model, output=out, fine_tune_type=fine_tune, iters=warmup + measured,
+                      batch_size=4, learning_rate=1e-6, steps_per_report=1, steps_per_eval=10**9,
+                      steps_per_save=10**9)
+    manifest = open_cache(cache)
+    tokenizer = load_tokenizer(Path(model))
+    mx.random.seed(cfg.seed)
+    policy = load_model(Path(model))
+    weight_bytes = sum(v.nbytes for _, v in tree_flatten(policy.parameters()))
+    trainable = prepare_policy(policy, cfg)
+    loss_fn = make_loss_fn(cfg.loss_options())
+    if online:
+        reference = load_model(Path(model))
+        reference.freeze()
+        cached_loss = loss_fn
+
+        def loss_fn(policy_, input_ids, completion_mask, ref_chosen_logps, ref_rejected_logps):
+            logps, _ = sequence_logps(reference, input_ids, completion_mask)
+            chosen, rejected = split_chosen_rejected(mx.stop_gradient(logps), ref_chosen_logps.shape[0], False)
+            return cached_loss(policy_, input_ids, completion_mask, chosen, rejected)
+
+    stream = PairStream([Path(cache) / s.path for s in manifest.splits["train"].shards], batch_size=cfg.batch_size,
+                        max_length=manifest.max_length, truncation_mode=manifest.truncation_mode,
+                        pad_id=tokenizer.pad_token_id, shuffle=True, seed=cfg.seed)
+    shapes, seconds, cpu = [], [], [time.process_time()]
+
+    def batches():
+        for _, batch in stream.forever():
+            shapes.append((batch.input_ids.size, int(batch.completion_mask.sum()), int((batch.input_ids != tokenizer.pad_token_id).sum())))
+            yield batch
+
+    train_loop(policy, optim.AdamW(learning_rate=build_schedule(cfg)), batches(), loss_fn, iters=cfg.iters,
+               steps_per_report=1, steps_per_eval=10**9, steps_per_save=10**9,
+               on_report=lambda step, m: (seconds.append(m["ntoks"] / m["tokens_per_sec"]), cpu.append(time.process_time())))
+    return dict(**step_stats(seconds, warmup), step_cpu_s=cpu_per_step(cpu, warmup), trainable_params=trainable,
+                padded_tokens=shapes[0][0], real_tokens=shapes[0][2], completion_tokens=shapes[0][1],
+                ref_weight_bytes=weight_bytes, mlx_peak_bytes=mlx_peak_bytes())
+
+
+def padding(cache_rows: int, prompt_mean: int, response_mean: int, out: str) -> dict:
+    """Padded / total tokens of PairStream's batches over a synthetic cache of `cache_rows` pairs with the
+    bench's length distribution, next to the batching of mlx-lm-lora and TRL on the same lengths."""
+    import random
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mlx_dpo.trainer.stream import PairStream
+
+    rng = random.Random(3)
+    rows = []
+    for i in range(cache_rows):
+        p = min(max(int(rng.gauss(prompt_mean, prompt_mean / 4)), prompt_mean // 2), 3 * prompt_mean // 2) + 1
+        c, r = (rng.randint(response_mean // 2, 3 * response_mean // 2) + 1 for _ in range(2))
+        rows.append(dict(index=i, prompt_ids=[5] * p, chosen_ids=[6] * c, rejected_ids=[7] * r,
+                         ref_chosen_logps=-1.0, ref_rejected_logps=-1.0))
+    shard = Path(out) / "lengths.parquet"
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), shard, row_group_size=1024)
+
+    def waste(batches) -> float:
+        padded = real = 0
+        for ids in batches:
+            padded, real = padded + ids.size, real + int((ids != 0).sum())
+        return round(1 - real / padded, 4)
+
+    out_ = {}
+    for multiple in (32, 8, 1):
+        for batch_size in (4, 8):
+            stream = PairStream([shard], batch_size=batch_size, max_length=None, truncation_mode="keep_start",
+                                pad_id=0, shuffle=True, seed=0, pad_to_multiple=multiple)
+            out_[f"ours_b{batch_size}_x{multiple}"] = waste(b.input_ids for b in stream.epoch(0))
+    # Candidate: chosen rows and rejected rows padded separately (two forwards per step, same tokens).
+    stream = PairStream([shard], batch_size=4, max_length=None, truncation_mode="keep_start", pad_id=0,
+                        shuffle=True, seed=0, pad_to_multiple=1)
+    for multiple in (32, 8):
+        padded = real = 0
+        for b in stream.epoch(0):
+            lengths = (b.input_ids != 0).sum(axis=1)
+            for half in (lengths[: len(lengths) // 2], lengths[len(lengths) // 2 :]):
+                padded += len(half) * -(-int(half.max()) // multiple) * multiple
+                real += int(half.sum())
+        out_[f"ours_b4_split_x{multiple}"] = round(1 - real / padded, 4)
+    lengths = [(len(r["prompt_ids"]) + len(r["chosen_ids"]), len(r["prompt_ids"]) + len(r["rejected_ids"])) for r in rows]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i][0])  # mlx-lm-lora: sort by chosen length
+    shuffled = np.random.default_rng(0).permutation(len(lengths)).tolist()  # TRL: random batches
+    for name, idx in (("mlx_lm_lora_b4", order), ("trl_b4", shuffled)):
+        groups = [[lengths[i] for i in idx[s : s + 4]] for s in range(0, len(idx) - 3, 4)]
+        real = sum(a + b for g in groups for a, b in g)
+        padded = sum(2 * len(g) * max(max(p) for p in g) for g in groups)
+        out_[name] = round(1 - real / padded, 4)
+    return out_
+
+
+if __name__ == "__main__":
+    task_main({f.__name__: f for f in (matmul, numpy_matmul, precompute, train, padding)})
