@@ -57,3 +57,19 @@ def conversational_data(tmp_path_factory) -> Path:
     return tiny_models.write_jsonl(
         tmp_path_factory.mktemp("data") / "conversational.jsonl", tiny_models.conversational_rows()
     )
+
+
+@pytest.fixture(scope="session")
+def standard_cache(tiny_model_dir, standard_data, tmp_path_factory) -> Path:
+    """`precompute` of standard_data with max_length 22 (so some prompts fill it and are rejected), in
+    shards of 5 rows. Shared and read-only: copy it before changing it."""
+    from click.testing import CliRunner
+
+    from mlx_dpo.cli import cli
+
+    out = tmp_path_factory.mktemp("standard-cache") / "cache"
+    args = ["precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", out,
+            "--max-length", "22", "--rows-per-shard", "5"]
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out

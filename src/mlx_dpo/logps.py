@@ -4,16 +4,10 @@ so the two stages score the same tokens the same way, bit for bit on the same ba
 import mlx.core as mx
 import numpy as np
 
-from .schemas.sequence import truncate_sequence
+from .schemas.sequence import rejected_id_lists, truncate_sequence
 
 # Positions per logsumexp chunk: bounds the float32 temporary of the vocabulary softmax.
 _CHUNK_POSITIONS = 1024
-
-
-def rejected_per_row(row: dict) -> list[list[int]]:
-    """A row's rejected id lists: one, or K when the cache holds several rejected answers."""
-    ids = row["rejected_ids"]
-    return ids if ids and isinstance(ids[0], list) else [ids]
 
 
 def collate_pairs(
@@ -31,7 +25,7 @@ def collate_pairs(
         input_ids       [[5, 6, 7, 0], [5, 6, 8, 9]]
         completion_mask [[0, 0, 1, 0], [0, 0, 1, 1]]
     """
-    several = [rejected_per_row(row) for row in rows]
+    several = [rejected_id_lists(row["rejected_ids"]) for row in rows]
     completions = [[row["chosen_ids"] for row in rows]]
     completions += [[answers[k] for answers in several] for k in range(len(several[0]))]
     sequences = [

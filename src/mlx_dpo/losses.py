@@ -275,8 +275,3 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         else:
             total = total + weight * LOSSES[name](pairs).mean(axis=1)
     return total
-
-
-def rewards(pairs: Pairs) -> tuple[mx.array, mx.array]:
-    """TRL's implicit rewards β·(policy - reference): chosen (B, 1), rejected (B, K)."""
-    return pairs.beta * pairs.chosen_logratios, pairs.beta * pairs.rejected_logratios

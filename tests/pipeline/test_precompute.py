@@ -20,13 +20,9 @@ def read_rows(cache, split="train"):
     return sorted(table.to_pylist(), key=lambda r: r["index"])
 
 
-@pytest.fixture(scope="module")
-def cache(tiny_model_dir, standard_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache") / "c"
-    result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", out,
-                 "--max-length", 22, "--rows-per-shard", 5)
-    assert result.exit_code == 0, result.output
-    return out
+@pytest.fixture
+def cache(standard_cache):
+    return standard_cache
 
 
 def test_every_row_is_cached_or_rejected(cache, standard_data):

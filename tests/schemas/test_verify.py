@@ -16,13 +16,9 @@ def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.fixture(scope="module")
-def good(tiny_model_dir, standard_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("verify") / "cache"
-    result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", out,
-                 "--max-length", 22, "--rows-per-shard", 5)
-    assert result.exit_code == 0, result.output
-    return out
+@pytest.fixture
+def good(standard_cache):
+    return standard_cache
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ add_generation_prompt=True.
 
 from dataclasses import dataclass
 
+from ..schemas.sequence import rejected_id_lists
+
 
 @dataclass
 class Encoded:
@@ -102,17 +104,11 @@ def encode_row(tokenizer, row: dict) -> Encoded:
     return encoded
 
 
-def rejected_lists(encoded_or_row) -> list[list[int]]:
-    """The rejected id lists of a row, whether it holds one rejected answer or K."""
-    ids = encoded_or_row["rejected_ids"] if isinstance(encoded_or_row, dict) else encoded_or_row.rejected_ids
-    return ids if ids and isinstance(ids[0], list) else [ids]
-
-
 def check_fits(encoded: Encoded, max_length: int | None, truncation_mode: str) -> None:
     """TRL drops rows whose prompt fills max_length under keep_start (no completion token left)."""
     if max_length is not None and truncation_mode == "keep_start" and len(encoded.prompt_ids) >= max_length:
         raise RowRejected(f"prompt fills max_length ({len(encoded.prompt_ids)} >= {max_length} tokens)")
-    shortest = min(len(ids) for ids in [encoded.chosen_ids, *rejected_lists(encoded)])
+    shortest = min(len(ids) for ids in [encoded.chosen_ids, *rejected_id_lists(encoded.rejected_ids)])
     if not encoded.prompt_ids and shortest < 2:
         # Position 0 has no context, so a one-token completion with no prompt scores nothing.
         raise RowRejected("no completion token left to score")

@@ -26,8 +26,8 @@ from ..schemas import (
     tokenizer_fingerprint,
 )
 from ..schemas.manifest import MANIFEST_NAME
+from ..schemas.sequence import rejected_id_lists
 from .config import PrecomputeConfig
-from .encode import rejected_lists
 from .load import load_splits
 from .lock import LOCK_NAME, cache_lock
 from .reference import score_rows
@@ -116,7 +116,7 @@ def _check_strict(encoded: dict[str, list], data: str) -> None:
 
 def _row_tokens(row: dict, max_length: int | None) -> int:
     """Tokens the reference forward processes for a row (all 1+K sequences, after truncation)."""
-    lengths = [len(row["prompt_ids"]) + len(ids) for ids in [row["chosen_ids"], *rejected_lists(row)]]
+    lengths = [len(row["prompt_ids"]) + len(ids) for ids in [row["chosen_ids"], *rejected_id_lists(row["rejected_ids"])]]
     return sum(lengths if max_length is None else [min(n, max_length) for n in lengths])
 
 

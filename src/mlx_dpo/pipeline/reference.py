@@ -5,7 +5,8 @@ from collections.abc import Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..logps import collate_pairs, rejected_per_row, sequence_logps, shared_lengths, split_chosen_rejected
+from ..logps import collate_pairs, sequence_logps, shared_lengths, split_chosen_rejected
+from ..schemas.sequence import pair_length
 
 
 def length_sorted_batches(lengths: list[int], tokens_per_batch: int, sequences_per_row: int = 2) -> list[list[int]]:
@@ -36,7 +37,7 @@ def score_rows(
 ) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
     """Yield (positions in `rows`, {cache column: values}): ref_chosen_logps (B,),
     ref_rejected_logps (B,) or (B, K), their token counts, and with K = 1 the LD-DPO tail sums."""
-    lengths = [len(r["prompt_ids"]) + max(map(len, [r["chosen_ids"], *rejected_per_row(r)])) for r in rows]
+    lengths = [pair_length(r) for r in rows]
     several = bool(rows) and isinstance(rows[0]["rejected_ids"][0], list)
     sequences_per_row = 1 + (len(rows[0]["rejected_ids"]) if several else 1)
     if max_length is not None:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
+from ..schemas.sequence import rejected_id_lists
 from .config import PrecomputeConfig
-from .encode import RowRejected, check_fits, encode_row, rejected_lists
+from .encode import RowRejected, check_fits, encode_row
 from .formats import Fields, normalize
 from .load import find_eval_split, pick_split
 
@@ -80,7 +81,7 @@ def settle_rejected_count(encoded: dict[str, list[dict | str]]) -> int:
     """K, the rejected answers per prompt: 1 unless rows hold lists, then the most common list
     length. Rows with another count are rejected (a batch needs one K); returns K."""
     counts = Counter(
-        len(rejected_lists(r)) if isinstance(r["rejected_ids"][0], list) else 0
+        len(r["rejected_ids"]) if isinstance(r["rejected_ids"][0], list) else 0
         for rows in encoded.values() for r in rows if isinstance(r, dict)
     )
     if not counts or set(counts) == {0}:
@@ -89,7 +90,7 @@ def settle_rejected_count(encoded: dict[str, list[dict | str]]) -> int:
     for rows in encoded.values():
         for i, r in enumerate(rows):
             if isinstance(r, dict):
-                answers = rejected_lists(r)
+                answers = rejected_id_lists(r["rejected_ids"])
                 if len(answers) != k:
                     rows[i] = f"has {len(answers)} rejected answer(s) where this cache has {k} per prompt"
                 else:

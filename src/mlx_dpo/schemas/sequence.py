@@ -26,6 +26,16 @@ def truncate_sequence(
     return ids, mask
 
 
+def rejected_id_lists(rejected_ids: list) -> list[list[int]]:
+    """A row's rejected answers as a list of id lists: [ids] for one answer, the K lists as they are."""
+    return rejected_ids if rejected_ids and isinstance(rejected_ids[0], list) else [rejected_ids]
+
+
+def pair_length(row: dict) -> int:
+    """Tokens in the row's longest prompt+answer sequence, before truncation (the length batches sort by)."""
+    return len(row["prompt_ids"]) + max(map(len, [row["chosen_ids"], *rejected_id_lists(row["rejected_ids"])]))
+
+
 def scored_token_count(completion_mask: list[int]) -> int:
     """Completion tokens that get a log-prob: position 0 has no context, so it is never scored."""
     return sum(completion_mask[1:])

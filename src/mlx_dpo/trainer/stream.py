@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..logps import collate_pairs, rejected_per_row
+from ..logps import collate_pairs
+from ..schemas.sequence import pair_length
 
 ROW_COLUMNS = ["index", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
 TAIL_COLUMNS = ["ref_chosen_tail_logps", "ref_rejected_tail_logps"]  # LD-DPO; K = 1 caches only
@@ -38,10 +39,6 @@ def iter_rows(shards: list[Path], rng: np.random.Generator | None, columns=ROW_C
             yield from parquet.read_row_group(int(g), columns=columns).to_pylist()
 
 
-def _pair_length(row: dict) -> int:
-    return len(row["prompt_ids"]) + max(map(len, [row["chosen_ids"], *rejected_per_row(row)]))
-
-
 class PairStream:
     """Batches of preference pairs from a cache split.
 
@@ -64,7 +61,7 @@ class PairStream:
         self.rank, self.ranks = rank, ranks
 
     def _buffer_batches(self, buffer: list[dict], rng) -> list[list[dict]]:
-        buffer.sort(key=_pair_length)
+        buffer.sort(key=pair_length)
         size = self.batch_size * self.ranks
         batches = [buffer[i : i + size] for i in range(0, len(buffer), size)]
         if rng is not None:
