@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_dpo.cli import cli
-from mlx_dpo.schemas import Manifest, ShardInfo, SplitInfo, write_json_atomic
+from mlx_dpo.schemas import SCHEMA_VERSION, Manifest, ShardInfo, SplitInfo, write_json_atomic
 
 TOKENS = pa.list_(pa.int32())
 # The columns inspect reads, as precompute writes them for one rejected answer per prompt.
@@ -46,7 +46,7 @@ def make_cache(root: Path, identity: str = "ab" * 32, rejected=None, schema=SCHE
     (root / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
     split = SplitInfo(rows_in=6, rows_cached=4, rows_rejected=2, rejected_by_reason={"prompt fills max_length": 2},
                       completion_tokens=20, shards=[ShardInfo("train/part-00000.parquet", 4, part.stat().st_size, "-")])
-    manifest = Manifest(schema_version=1, identity=identity, identity_fields={"tokenizer": "cd" * 32, "options": {}},
+    manifest = Manifest(schema_version=SCHEMA_VERSION, identity=identity, identity_fields={"tokenizer": "cd" * 32, "options": {}},
                         reference_model="some/model", max_length=6, truncation_mode="keep_start",
                         splits={"train": split}, rejects_file="rejects.jsonl", created_at="2025-01-02T03:04:05+00:00")
     write_json_atomic(root / "manifest.json", manifest.to_json())

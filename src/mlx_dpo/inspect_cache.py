@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .schemas import Manifest, read_manifest
-from .schemas.manifest import MANIFEST_NAME
+from .schemas.manifest import MANIFEST_NAME, inside
 from .tables import format_table, human_bytes
 
 # Never worth descending into when looking for caches.
@@ -96,7 +96,7 @@ def split_statistics(cache: Path, manifest: Manifest, split: str) -> dict[str, n
     """Per-row arrays for one split, read one row group at a time (token ids are never all in memory)."""
     parts = defaultdict(list)
     for shard in manifest.splits[split].shards:
-        handle = pq.ParquetFile(cache / shard.path)
+        handle = pq.ParquetFile(inside(cache, shard.path))
         present = [c for c in _TOKEN_COLUMNS + _LOGP_COLUMNS if c in handle.schema_arrow.names]
         for group in range(handle.num_row_groups):
             table = handle.read_row_group(group, columns=present)
@@ -164,7 +164,8 @@ def _identity_lines(m: Manifest, cache: Path) -> list[str]:
     return [
         f"Cache {cache}",
         f"  identity           {m.identity[:12]}  (schema v{m.schema_version}, mlx-dpo {m.mlx_dpo_version or '?'}, created {m.created_at or '?'})",
-        f"  reference model    {m.reference_model}  (weights {str(fields.get('reference_weights'))[:12]})",
+        f"  reference model    {m.reference_model}  (weights {str(fields.get('reference_weights'))[:12]}, "
+        f"computed in {fields.get('dtype', '?')})",
         f"  tokenizer          {str(fields.get('tokenizer'))[:12]}",
         f"  data               {data}  (splits {sources})",
         f"  options            max_length {m.max_length}, truncation {m.truncation_mode}",
@@ -173,7 +174,7 @@ def _identity_lines(m: Manifest, cache: Path) -> list[str]:
 
 
 def _schema_lines(cache: Path, m: Manifest) -> list[str]:
-    first = next((cache / s.path for split in m.splits.values() for s in split.shards), None)
+    first = next((inside(cache, s.path) for split in m.splits.values() for s in split.shards), None)
     if first is None or not first.is_file():
         return ["Schema: no shard to read"]
     schema = pq.read_schema(first)
@@ -192,7 +193,7 @@ def _rejects_lines(cache: Path, m: Manifest, examples: int = 3) -> list[str]:
     if not counts:
         return ["Rejected rows: none"]
     seen = defaultdict(list)
-    path = cache / (m.rejects_file or "rejects.jsonl")
+    path = inside(cache, m.rejects_file or "rejects.jsonl")
     if path.is_file():
         with open(path) as handle:
             for line in handle:

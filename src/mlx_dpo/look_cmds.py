@@ -5,6 +5,7 @@ from pathlib import Path
 import click
 
 from .cache_cmds import read_cache_manifest
+from .errors import UserError
 from .remote import cache_argument
 
 
@@ -24,7 +25,12 @@ def cache_inspect(cache_dir):
     log-prob distribution and rejected rows by reason."""
     from .inspect_cache import inspect_cache
 
-    click.echo(inspect_cache(Path(cache_dir), read_cache_manifest(cache_dir)))
+    manifest = read_cache_manifest(cache_dir)
+    try:
+        text = inspect_cache(Path(cache_dir), manifest)
+    except ValueError as error:  # a manifest path through a symbolic link: never read outside the cache
+        raise UserError(str(error)) from error
+    click.echo(text)
 
 
 @click.command()

@@ -8,7 +8,6 @@ manifest and then the files it lists into a local mirror, checking each shard's 
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ from .errors import UserError
 from .pipeline.lock import LOCK_NAME
 from .schemas import Manifest
 from .schemas.atomic import atomic_path
-from .schemas.manifest import MANIFEST_NAME
+from .schemas.manifest import MANIFEST_NAME, parse_manifest
 from .schemas.verify import check_cache, file_sha256, inside
 
 _CHUNK = 1 << 22
@@ -88,9 +87,9 @@ def _read_manifest(fs: pafs.FileSystem, base: str, url: str) -> tuple[Manifest, 
     with fs.open_input_stream(path) as stream:
         raw = stream.read()
     try:
-        manifest = Manifest.from_json(json.loads(raw))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise UserError(f"{url}/{MANIFEST_NAME}: unreadable manifest ({error})") from error
+        manifest = parse_manifest(raw, url)
+    except ValueError as error:
+        raise UserError(str(error)) from error
     if not re.fullmatch(r"[0-9a-f]{16,128}", str(manifest.identity)):  # it names the local mirror
         raise UserError(f"{url}/{MANIFEST_NAME}: identity {manifest.identity!r} is not a hash")
     return manifest, raw
@@ -193,8 +192,8 @@ def precompute_remote(cfg, build: Callable, log: Callable[[str], None] = print) 
     else:  # a manifest left by a reuse marks no shards here; complete shards are resumed past
         (stage / MANIFEST_NAME).unlink(missing_ok=True)
     try:
-        manifest = build(dataclasses.replace(cfg, out=str(stage), overwrite=not seeded),
-                         log=lambda line: log(line.replace(str(stage), url)))
+        manifest = build(dataclasses.replace(cfg, out=str(stage)), log=lambda line: log(line.replace(str(stage), url)),
+                         staging=True)
     except UserError as error:  # "<staging>: holds a cache of other inputs" is about the URL
         raise UserError(error.message.replace(str(stage), url)) from error
     with _storage_errors(url):

@@ -60,7 +60,7 @@ def test_a_bad_file_in_a_data_folder_is_named(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("remove, expected", [
     (["tokenizer.json", "tokenizer_config.json"], "no tokenizer (none of tokenizer.json"),
-    (["model.safetensors"], "no *.safetensors weights (only safetensors are loaded, never pickle)"),
+    (["model.safetensors"], "no model*.safetensors weights (only safetensors are loaded, never pickle)"),
 ])
 def test_incomplete_model_directories(tiny_model_dir, standard_data, tmp_path, remove, expected):
     model = tmp_path / "model"

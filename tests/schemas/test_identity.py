@@ -4,6 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlx_dpo.schemas import (
+    SCHEMA_VERSION,
     Manifest,
     ShardInfo,
     SplitInfo,
@@ -15,7 +16,7 @@ from mlx_dpo.schemas import (
 )
 from mlx_dpo.schemas.manifest import MANIFEST_NAME
 
-FIELDS = {"schema_version": 1, "reference_weights": "a" * 64, "tokenizer": "b" * 64,
+FIELDS = {"schema_version": SCHEMA_VERSION, "reference_weights": "a" * 64, "tokenizer": "b" * 64,
           "data": {"train": "c" * 64}, "options": {"max_length": 512, "truncation_mode": "keep_start"}}
 
 
@@ -23,7 +24,7 @@ def test_identity_changes_with_any_field():
     base = identity_hash(FIELDS)
     assert identity_hash(dict(FIELDS)) == base
     for changed in ({"tokenizer": "d" * 64}, {"options": {**FIELDS["options"], "max_length": 256}},
-                    {"data": {"train": "e" * 64}}, {"schema_version": 2}):
+                    {"data": {"train": "e" * 64}}, {"schema_version": SCHEMA_VERSION + 1}):
         assert identity_hash({**FIELDS, **changed}) != base
 
 
@@ -37,7 +38,7 @@ def test_difference_names_the_field():
 
 def test_manifest_round_trip(tmp_path):
     manifest = Manifest(
-        schema_version=1, identity=identity_hash(FIELDS), identity_fields=FIELDS, reference_model="m",
+        schema_version=SCHEMA_VERSION, identity=identity_hash(FIELDS), identity_fields=FIELDS, reference_model="m",
         max_length=512, truncation_mode="keep_start",
         splits={"train": SplitInfo(3, 2, 1, {"empty chosen": 1}, 10, [ShardInfo("train/part-00000.parquet", 2, 99, "f" * 64)])},
     )

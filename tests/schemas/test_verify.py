@@ -121,3 +121,68 @@ def test_manifest_paths_are_relative_and_links_are_refused(good, cache, tmp_path
     (cache / "train").symlink_to(outside)
     result = run("cache", "verify", "--quick", cache)
     assert result.exit_code == 1 and "'train/part-00000.parquet' goes through a symbolic link" in result.output
+
+
+# ---- issue 10: the new invariants, and readers that stay inside the cache
+
+def test_an_identity_that_is_not_the_hash_of_its_fields_is_caught(cache):
+    edit_manifest(cache, lambda m: m["identity_fields"].update(dtype="bfloat16"))  # claims another precision
+    result = run("cache", "verify", cache)
+    assert result.exit_code == 1 and "is not the hash of its identity_fields" in result.output
+
+
+def test_identity_fields_must_name_the_dtype(cache):
+    from mlx_dpo.schemas import identity_hash
+
+    def drop_dtype(manifest):
+        manifest["identity_fields"].pop("dtype")
+        manifest["identity"] = identity_hash(manifest["identity_fields"])  # a consistent forgery
+    edit_manifest(cache, drop_dtype)
+    result = run("cache", "verify", cache)
+    assert result.exit_code == 1 and "identity_fields lack dtype" in result.output
+
+
+def test_a_row_both_cached_and_rejected_breaks_the_accounting(cache):
+    cached = pq.read_table(cache / "train" / "part-00000.parquet")["index"][0].as_py()
+    with open(cache / "rejects.jsonl", "a") as handle:
+        handle.write(json.dumps({"split": "train", "index": cached, "reason": "empty chosen"}) + "\n")
+    edit_manifest(cache, lambda m: m["splits"]["train"].update(rows_rejected=m["splits"]["train"]["rows_rejected"] + 1,
+                                                               rows_in=m["splits"]["train"]["rows_in"] + 1))
+    result = run("cache", "verify", cache)
+    assert result.exit_code == 1 and f"row {cached} is there 2 times" in result.output
+
+
+@pytest.mark.parametrize("command", [["cache", "inspect"], ["cache", "verify"], ["cache", "verify", "--quick"]])
+def test_no_reader_follows_a_manifest_path_outside_the_cache(cache, tmp_path, command):
+    secret = tmp_path / "x.jsonl"
+    secret.write_text(json.dumps({"split": "train", "index": 0, "reason": "SECRET-CONTENT"}) + "\n")
+    edit_manifest(cache, lambda m: m.update(rejects_file="../x.jsonl"))
+    result = run(*command, cache)
+    assert result.exit_code == 1 and "'../x.jsonl' points outside the cache" in result.output
+    assert "SECRET" not in result.output
+
+
+def test_inspect_refuses_a_rejects_file_behind_a_symbolic_link(cache, tmp_path):
+    secret = tmp_path / "x.jsonl"
+    secret.write_text(json.dumps({"split": "train", "index": 0, "reason": "SECRET-CONTENT"}) + "\n")
+    (cache / "rejects.jsonl").unlink()
+    (cache / "rejects.jsonl").symlink_to(secret)
+    result = run("cache", "inspect", cache)
+    assert result.exit_code == 1 and "'rejects.jsonl' goes through a symbolic link" in result.output
+    assert "SECRET" not in result.output and "Traceback" not in result.output
+
+
+def test_a_cache_of_an_older_schema_is_refused_with_re_run_precompute(cache, tiny_model_dir, standard_data, tmp_path):
+    from mlx_dpo.schemas import SCHEMA_VERSION
+
+    edit_manifest(cache, lambda m: m.update(schema_version=SCHEMA_VERSION - 1))
+    for args in (["cache", "verify", cache], ["cache", "inspect", cache],
+                 ["train", "--cache", cache, "--model", tiny_model_dir, "--output", tmp_path / "run"],
+                 ["precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", cache]):
+        result = run(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert f"schema version {SCHEMA_VERSION - 1}" in result.output and "re-run precompute" in result.output
+    result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", cache,
+                 "--max-length", 22, "--rows-per-shard", 5, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert run("cache", "verify", cache).exit_code == 0

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from ..schemas.identity import DTYPES
 from ..schemas.sequence import TRUNCATION_MODES
 
 
@@ -19,11 +20,12 @@ class PrecomputeConfig:
     system_field: str = field(default="system", metadata={"group": "Data", "help": "Optional system-prompt column (a system message for conversational prompts)."})
     max_length: int | None = field(default=1024, metadata={"group": "Tokenization", "help": "Max tokens of prompt+completion (TRL's max_length)."})
     truncation_mode: str = field(default="keep_start", metadata={"group": "Tokenization", "help": "keep_start or keep_end, as TRL."})
+    dtype: str | None = field(default=None, metadata={"group": "Model", "help": "Compute precision of the reference forward: float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's dtype on a GPU); part of the cache identity."})
     tokens_per_batch: int = field(default=8192, metadata={"group": "Model", "help": "Padded tokens per reference forward."})
     rows_per_shard: int = field(default=2048, metadata={"group": "Output", "help": "Input rows per Parquet shard (the unit of resume)."})
     num_shards: int = field(default=1, metadata={"group": "Output", "help": "Split the work over N jobs without a launcher (e.g. a job array); combine with `mlx-dpo cache merge`."})
     shard_index: int = field(default=0, metadata={"group": "Output", "help": "Which of the --num-shards jobs this is (0-based)."})
-    overwrite: bool = field(default=False, metadata={"group": "Output", "help": "Replace a cache at --out made from other inputs."})
+    overwrite: bool = field(default=False, metadata={"group": "Output", "help": "Rebuild the cache at --out from scratch (removing only cache files: manifest, rejects, <split>/part-*), whatever it holds."})
     strict: bool = field(default=False, metadata={"group": "Data", "help": "Fail if any row would be rejected, instead of skipping it into rejects.jsonl."})
     trust_remote_code: bool = field(default=False, metadata={"group": "Model", "help": "Allow the model directory's own Python code (custom tokenizer or model file) to run."})
 
@@ -32,6 +34,8 @@ class PrecomputeConfig:
             raise UserError(f"--truncation-mode must be one of {', '.join(TRUNCATION_MODES)}, got {self.truncation_mode!r}")
         if self.max_length is not None and self.max_length < 2:
             raise UserError(f"--max-length must be at least 2, got {self.max_length}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not 0 <= self.valid_fraction < 1:
             raise UserError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
         if not 0 <= self.shard_index < max(self.num_shards, 1) or self.num_shards < 1:

@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from ..schemas import Manifest, describe_difference, read_manifest
+from ..schemas import SCHEMA_VERSION, Manifest, describe_difference, read_manifest
 from ..schemas.atomic import atomic_path
 from ..schemas.manifest import MANIFEST_NAME
 from .lock import cache_lock
@@ -20,9 +20,14 @@ def _read_partial(part: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{part}: not the output of `precompute --num-shards N --shard-index i` (no {PARTIAL_NAME})")
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise UserError(f"{path}: unreadable ({error})") from error
+    if record.get("identity_fields", {}).get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{part}: written by another mlx-dpo (cache schema version "
+                        f"{record.get('identity_fields', {}).get('schema_version')}, this one {SCHEMA_VERSION}); "
+                        "re-run precompute for that shard set")
+    return record
 
 
 def _check_parts(parts: list[Path], records: list[dict]) -> None:
@@ -42,12 +47,15 @@ def merge(out: Path, parts: list[Path], log=print) -> Manifest:
     records = [_read_partial(part) for part in parts]
     _check_parts(parts, records)
     base = {key: records[0][key] for key in ("identity", "identity_fields", "reference_model", "max_length",
-                                             "truncation_mode", "rejected_per_prompt", "rows_in")}
+                                             "truncation_mode", "rejected_per_prompt", "rows_in", "input_splits")}
     tasks = plan(base["rows_in"], records[0]["rows_per_shard"])
     out.mkdir(parents=True, exist_ok=True)
     with cache_lock(out):
         if (out / MANIFEST_NAME).is_file():
-            existing = read_manifest(out)
+            try:
+                existing = read_manifest(out)
+            except ValueError as error:
+                raise UserError(f"{error}; merge into an empty directory") from error
             if existing.identity != base["identity"]:
                 raise UserError(f"{out}: holds another cache ({existing.identity[:12]}); merge into an empty directory")
             log(f"{out} already holds this cache ({existing.identity[:12]}); nothing to merge.")
@@ -57,7 +65,6 @@ def merge(out: Path, parts: list[Path], log=print) -> Manifest:
                 if not is_complete(task, part, base["identity"]):
                     raise UserError(f"{task.path(part)}: missing or incomplete; rerun that job (it resumes)")
                 for source, target in ((task.rejects_path(part), task.rejects_path(out)), (task.path(part), task.path(out))):
-                    target.parent.mkdir(parents=True, exist_ok=True)
                     with atomic_path(target) as tmp:
                         shutil.copyfile(source, tmp)
         manifest = finish(out, tasks, base)

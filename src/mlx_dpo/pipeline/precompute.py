@@ -5,9 +5,9 @@ shard. Every input row ends in a shard or in the rejects file, with its reason.
 """
 
 import math
-import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,62 +15,73 @@ from tqdm import tqdm
 
 from ..distributed import barrier, world
 from ..errors import UserError
-from ..models import checked_model_path, load_model, load_tokenizer, weights_hash
-from ..schemas import (
-    SCHEMA_VERSION,
-    Manifest,
-    describe_difference,
-    identity_hash,
-    read_manifest,
-    ref_logps_schema,
-    tokenizer_fingerprint,
-)
+from ..models import checked_model_path, compute_dtype, load_model, load_tokenizer
+from ..schemas import Manifest, describe_difference, identity_hash, read_manifest, ref_logps_schema
 from ..schemas.manifest import MANIFEST_NAME
 from ..schemas.sequence import rejected_id_lists
+from ..schemas.verify import check_cache
 from .config import PrecomputeConfig
+from .identity import identity_fields
 from .load import load_splits
-from .lock import LOCK_NAME, cache_lock
+from .lock import cache_lock
 from .reference import score_rows
-from .shards import finish, is_complete, owned, plan, reason_counts, write_partial
-from .sources import EVAL_CACHE_SPLIT, encode_source, rows_hash, select_sources, settle_rejected_count
+from .shards import (
+    CACHE_SPLITS,
+    clear_layout,
+    finish,
+    is_complete,
+    layout_files,
+    owned,
+    plan,
+    reason_counts,
+    remove_unplanned,
+    temp_files,
+    write_partial,
+)
+from .sources import EVAL_CACHE_SPLIT, encode_source, select_sources, settle_rejected_count
 from .write import shard_identity, write_jsonl_atomic, write_shard
 
 
-def _check_existing(out: Path, identity: str, fields: dict, overwrite: bool) -> Manifest | None:
-    """The manifest if `out` already holds this exact cache; refuse (or clear) any other cache."""
+def _check_existing(out: Path, identity: str, fields: dict, overwrite: bool, staging: bool) -> Manifest | None:
+    """The manifest if `out` already holds this exact cache, whole; refuse any other cache, or with
+    `overwrite` clear the cache's own files (whatever cache they hold) so it is rebuilt. A `staging`
+    directory (remote.py) holds at most a copy of the remote manifest, and partial shards of other
+    inputs are cleared rather than refused."""
+    if overwrite:
+        clear_layout(out)
+        return None
     if (out / MANIFEST_NAME).is_file():
-        manifest = read_manifest(out)
-        if manifest.identity == identity:
-            return manifest
-        if not overwrite:
+        try:
+            manifest = read_manifest(out)
+        except ValueError as error:  # also OldCache: "re-run precompute (with --overwrite)"
+            raise UserError(f"{error}; use another --out or --overwrite") from error
+        if manifest.identity != identity:
             diff = describe_difference(manifest.identity_fields, fields)
             raise UserError(f"{out}: holds a cache of other inputs ({diff}); use another --out or --overwrite")
-    stale = [p for p in out.glob("*/part-*.parquet") if shard_identity(p) != identity]
-    if stale and not overwrite:
+        if not staging and (problems := check_cache(out, manifest)):
+            raise UserError(f"{problems[0]}: the cache is damaged; rebuild it with --overwrite")
+        return manifest
+    stale = [p for p in layout_files(out) if p.suffix == ".parquet" and shard_identity(p) != identity]
+    if stale and staging:
+        clear_layout(out)
+    elif stale:
         raise UserError(f"{out}: holds partial shards of other inputs ({stale[0]}); use another --out or --overwrite")
-    if overwrite and (stale or (out / MANIFEST_NAME).exists()):
-        (out / MANIFEST_NAME).unlink(missing_ok=True)  # first: from here on no reader takes it as complete
-        for child in out.iterdir():
-            if child.name != LOCK_NAME:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
     return None
 
 
 def _refuse_links(out: Path) -> None:
-    """We write shards below `out`: a symbolic link there (a cache from elsewhere) would send them outside."""
-    link = next((p for p in [*out.iterdir(), *out.glob("*/*")] if p.is_symlink()), None)
+    """We write the cache's files below `out`: a symbolic link among them (a cache from elsewhere)
+    would send them outside."""
+    split_dirs = [out / split for split in CACHE_SPLITS]
+    candidates = split_dirs + [out / name for name in (MANIFEST_NAME, "rejects.jsonl")]
+    candidates += [p for d in split_dirs if d.is_dir() and not d.is_symlink() for p in d.iterdir()]
+    link = next((p for p in candidates if p.is_symlink()), None)
     if link is not None:
         raise UserError(f"{link}: a symbolic link inside the cache; a cache holds plain files only (remove it)")
 
 
-def _remove_temp_files(out: Path) -> None:
-    """Half-written files of a writer that died (we hold the lock, so no one else is writing)."""
-    for tmp in [*out.glob(".*.tmp*"), *out.glob("*/.*.tmp*")]:
-        tmp.unlink(missing_ok=True)
-
-
-def _shard_table(scored: list[dict], identity: str, fields: dict, rejected_per_prompt: int) -> pa.Table:
-    schema = ref_logps_schema(identity, fields, rejected_per_prompt)
+def _shard_table(scored: list[dict], identity: str, fields: dict, rejected_per_prompt: int, row_range: dict) -> pa.Table:
+    schema = ref_logps_schema(identity, fields, rejected_per_prompt, row_range)
     columns = {f.name: [row[f.name] for row in scored] for f in schema}
     return pa.table(columns, schema=schema)
 
@@ -103,9 +114,9 @@ def _format_reasons(counts: dict) -> str:
     return ", ".join(f"{n:,} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _check_strict(encoded: dict[str, list], data: str) -> None:
+def _check_strict(encoded: dict[str, list], positions: dict[str, list[int]], data: str) -> None:
     for split, rows in encoded.items():
-        rejected = [(i, r) for i, r in enumerate(rows) if isinstance(r, str)]
+        rejected = [(positions[split][i], r) for i, r in enumerate(rows) if isinstance(r, str)]
         if rejected:
             index, reason = rejected[0]
             raise UserError(
@@ -120,32 +131,36 @@ def _row_tokens(row: dict, max_length: int | None) -> int:
     return sum(lengths if max_length is None else [min(n, max_length) for n in lengths])
 
 
-def precompute(cfg: PrecomputeConfig, log=print) -> Manifest:
-    """Build (or reuse, or resume) the reference cache described by `cfg`; returns its manifest."""
+@dataclass
+class _Run:
+    """What every step of one precompute needs."""
+    cfg: PrecomputeConfig
+    out: Path
+    sources: dict
+    tokenizer: object
+    model_path: Path
+    dtype: str
+    fields: dict
+    identity: str
+    log: object
+
+
+def precompute(cfg: PrecomputeConfig, log=print, *, staging: bool = False) -> Manifest:
+    """Build (or reuse, or resume) the reference cache described by `cfg`; returns its manifest.
+    `staging`: `cfg.out` is remote.py's staging directory for an upload."""
     out = Path(cfg.out)
     sources, eval_name = select_sources(load_splits(cfg.data), cfg)
-
     model_path = checked_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    fields = {
-        "schema_version": SCHEMA_VERSION,
-        "reference_weights": weights_hash(model_path),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "data": {name: rows_hash(source) for name, source in sources.items()},
-        "options": {
-            "max_length": cfg.max_length,
-            "truncation_mode": cfg.truncation_mode,
-            "splits": {"train": cfg.split, EVAL_CACHE_SPLIT: eval_name},
-            "valid_fraction": cfg.valid_fraction if eval_name is None else 0.0,
-            "fields": [cfg.prompt_field, cfg.chosen_field, cfg.rejected_field, cfg.system_field],
-        },
-    }
-    identity = identity_hash(fields)
+    dtype = compute_dtype(model_path, cfg.dtype)
+    fields = identity_fields(cfg, sources, eval_name, tokenizer, model_path, dtype)
+    run = _Run(cfg, out, sources, tokenizer, model_path, dtype, fields, identity_hash(fields), log)
+    input_splits = {"train": cfg.split, EVAL_CACHE_SPLIT: eval_name or cfg.split}
     out.mkdir(parents=True, exist_ok=True)
     workers, worker, group = _work_split(cfg)
     # One lock per cache directory: under mlx.launch rank 0 holds it for all ranks.
     with cache_lock(out) if worker == 0 or group is None else nullcontext():
-        return _build(cfg, out, identity, fields, sources, tokenizer, model_path, log, workers, worker, group)
+        return _build(run, input_splits, staging, workers, worker, group)
 
 
 def _work_split(cfg: PrecomputeConfig):
@@ -158,63 +173,72 @@ def _work_split(cfg: PrecomputeConfig):
     return (group.size(), group.rank(), group) if group.size() > 1 else (1, 0, None)
 
 
-def _build(cfg, out, identity, fields, sources, tokenizer, model_path, log, workers, worker, group):
+def _build(run: _Run, input_splits: dict, staging: bool, workers: int, worker: int, group):
     """Everything that writes into `out`: this worker's shards, then (by the last one) the manifest."""
+    cfg, out, identity = run.cfg, run.out, run.identity
     main, existing = worker == 0 and cfg.num_shards == 1, None
     if worker == 0 or group is None:
         _refuse_links(out)
-        if (existing := _check_existing(out, identity, fields, cfg.overwrite)) is None:
-            _remove_temp_files(out)
+        if (existing := _check_existing(out, identity, run.fields, cfg.overwrite, staging)) is None:
+            for tmp in temp_files(out):  # of a writer that died: we hold the lock, no one else writes
+                tmp.unlink(missing_ok=True)
     barrier(group)  # rank 0 has checked (and, with --overwrite, cleared) the directory
     if existing is None and group is not None and (out / MANIFEST_NAME).is_file():
         existing = read_manifest(out)  # rank 0 kept it, so it is this very cache
     if existing is not None:
-        log(f"Reusing cache {out} (identity {identity[:12]}): same model, tokenizer, data and options; nothing to compute.")
+        run.log(f"Reusing cache {out} (identity {identity[:12]}): same model, dtype, tokenizer, data and options; "
+                "nothing to compute.")
         return existing
 
-    encoded = {name: encode_source(tokenizer, source, cfg) for name, source in sources.items()}
+    encoded = {name: encode_source(run.tokenizer, source, cfg) for name, source in run.sources.items()}
+    positions = {name: source.indices for name, source in run.sources.items()}
     rejected_per_prompt = settle_rejected_count(encoded)
     if cfg.strict:
-        _check_strict(encoded, cfg.data)
+        _check_strict(encoded, positions, cfg.data)
     rows_in = {name: len(rows) for name, rows in encoded.items()}
     tasks = plan(rows_in, cfg.rows_per_shard)
+    if worker == 0 or group is None:
+        remove_unplanned(out, tasks)
+    barrier(group)
     mine = owned(tasks, workers, worker)
     started = time.perf_counter()
-    _compute(mine, encoded, out, cfg, identity, fields, rejected_per_prompt, model_path, tokenizer, worker == 0)
+    _compute(run, mine, encoded, positions, rejected_per_prompt, worker == 0)
 
-    base = dict(identity=identity, identity_fields=fields, reference_model=cfg.model, max_length=cfg.max_length,
-                truncation_mode=cfg.truncation_mode, rejected_per_prompt=rejected_per_prompt, rows_in=rows_in)
+    base = dict(identity=identity, identity_fields=run.fields, reference_model=cfg.model, max_length=cfg.max_length,
+                truncation_mode=cfg.truncation_mode, rejected_per_prompt=rejected_per_prompt, rows_in=rows_in,
+                input_splits={name: input_splits[name] for name in rows_in})
     if cfg.num_shards > 1:
         write_partial(out, base, cfg.rows_per_shard, workers, worker)
-        log(f"Shard set {worker} of {workers} written to {out} ({len(mine)} of {len(tasks)} shards); "
-            f"when all are done: mlx-dpo cache merge OUT {out} ...")
+        run.log(f"Shard set {worker} of {workers} written to {out} ({len(mine)} of {len(tasks)} shards); "
+                f"when all are done: mlx-dpo cache merge OUT {out} ...")
         return None
     barrier(group)  # every rank's shards are on disk
     if main:
         manifest = finish(out, tasks, base)
-        log(_summary(manifest, time.perf_counter() - started))
+        run.log(_summary(manifest, time.perf_counter() - started))
     barrier(group)  # the manifest is written
     return manifest if main else read_manifest(out)
 
 
-def _compute(tasks, encoded, out, cfg, identity, fields, rejected_per_prompt, model_path, tokenizer, show) -> None:
+def _compute(run: _Run, tasks, encoded: dict, positions: dict, rejected_per_prompt: int, show: bool) -> None:
     """Score and write every task not already complete (resume), with a tokens/s progress bar."""
-    todo = [t for t in tasks if not is_complete(t, out, identity)]
-    chunks = {t: encoded[t.split][t.start : t.start + cfg.rows_per_shard] for t in todo}
+    cfg, out = run.cfg, run.out
+    todo = [t for t in tasks if not is_complete(t, out, run.identity)]
+    chunks = {t: encoded[t.split][t.start : t.start + t.rows] for t in todo}
     total = sum(_row_tokens(r, cfg.max_length) for chunk in chunks.values() for r in chunk if isinstance(r, dict))
-    model = load_model(model_path, cfg.trust_remote_code) if todo else None  # none to do: never load it
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = load_model(run.model_path, cfg.trust_remote_code, run.dtype) if todo else None  # none to do: never load it
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
     with tqdm(total=total, unit="tok", unit_scale=True, desc="reference log-probs", smoothing=0.1,
               disable=not show or None) as progress:
         for task, chunk in chunks.items():
-            rejects = [{"split": task.split, "index": task.start + i, "reason": r}
-                       for i, r in enumerate(chunk) if isinstance(r, str)]
+            rejects = [{"split": task.split, "index": positions[task.split][task.start + i], "reason": r}
+                       for i, r in enumerate(chunk) if isinstance(r, str)]  # input positions, as `index` is
             rows = [r for r in chunk if isinstance(r, dict)]
             _score_into(rows, model, pad_id, cfg, progress)
             _check_finite(rows, task.split, cfg.model)
-            task.path(out).parent.mkdir(parents=True, exist_ok=True)
             write_jsonl_atomic(rejects, task.rejects_path(out))  # before the shard, which marks completion
-            write_shard(_shard_table(rows, identity, fields, rejected_per_prompt), task.path(out), out)
+            table = _shard_table(rows, run.identity, run.fields, rejected_per_prompt, task.row_range())
+            write_shard(table, task.path(out), out)
 
 
 def _summary(manifest: Manifest, seconds: float) -> str:

@@ -7,6 +7,7 @@ back from disk and writes the rejects file and the manifest.
 """
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,10 +16,18 @@ from pathlib import Path
 from .. import __version__
 from ..errors import UserError
 from ..schemas import SCHEMA_VERSION, Manifest, SplitInfo, write_json_atomic
+from ..schemas.atomic import fsync_dir
 from ..schemas.manifest import MANIFEST_NAME
-from .write import completion_tokens, shard_identity, shard_info, write_jsonl_atomic
+from ..schemas.verify import check_accounting
+from .sources import EVAL_CACHE_SPLIT
+from .write import completion_tokens, shard_info, shard_metadata, write_jsonl_atomic
 
 PARTIAL_NAME = "partial.json"  # a --shard-index job's record, read by `cache merge`
+REJECTS_NAME = "rejects.jsonl"
+CACHE_SPLITS = ("train", EVAL_CACHE_SPLIT)
+# The files of the cache layout, and the temp files their atomic writes leave when killed.
+_SPLIT_FILE = re.compile(r"part-(\d{5})\.(parquet|rejects\.jsonl)")
+_TEMP_FILE = re.compile(r"\.(manifest|rejects|partial|part-\d{5}(\.rejects)?)\.\d+\.tmp(\.\w+)?")
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,10 @@ class ShardTask:
 
     def rejects_path(self, out: Path) -> Path:
         return self.path(out).with_suffix(".rejects.jsonl")
+
+    def row_range(self) -> dict:
+        """Its place in the plan, stored in the shard: positions start..start+rows-1 of the split."""
+        return {"split": self.split, "start": self.start, "rows": self.rows}
 
 
 def plan(rows_in: dict[str, int], rows_per_shard: int) -> list[ShardTask]:
@@ -49,15 +62,55 @@ def owned(tasks: list[ShardTask], workers: int, worker: int) -> list[ShardTask]:
 
 
 def is_complete(task: ShardTask, out: Path, identity: str) -> bool:
+    """The shard is written, for this identity and this very row range (another --rows-per-shard
+    gives other ranges under the same file names)."""
     part = task.path(out)
-    return part.exists() and task.rejects_path(out).exists() and shard_identity(part) == identity
+    return part.exists() and task.rejects_path(out).exists() and shard_metadata(part) == (identity, task.row_range())
+
+
+def layout_files(out: Path) -> list[Path]:
+    """The cache's own files in `out`: manifest, rejects, partial record and <split>/part-NNNNN.*
+    of the cache's splits. Anything else in the folder is not ours to touch."""
+    files = [out / name for name in (MANIFEST_NAME, REJECTS_NAME, PARTIAL_NAME) if (out / name).is_file()]
+    for split in CACHE_SPLITS:
+        if (out / split).is_dir() and not (out / split).is_symlink():
+            files += sorted(p for p in (out / split).iterdir() if _SPLIT_FILE.fullmatch(p.name) and p.is_file())
+    return files
+
+
+def temp_files(out: Path) -> list[Path]:
+    """Half-written files of our atomic writes (a writer killed mid-write leaves them)."""
+    folders = [out] + [out / split for split in CACHE_SPLITS if (out / split).is_dir()]
+    return [p for folder in folders for p in folder.iterdir() if _TEMP_FILE.fullmatch(p.name)]
+
+
+def clear_layout(out: Path) -> None:
+    """Remove the cache's own files, the manifest first (from then on no reader takes the rest for
+    a complete cache), and split folders left empty; other files stay."""
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    fsync_dir(out)
+    for path in layout_files(out) + temp_files(out):
+        path.unlink(missing_ok=True)
+    for split in CACHE_SPLITS:
+        if (out / split).is_dir() and not any((out / split).iterdir()):
+            (out / split).rmdir()
+
+
+def remove_unplanned(out: Path, tasks: list[ShardTask]) -> None:
+    """Shard files of an earlier plan (another --rows-per-shard) at numbers this plan does not use."""
+    planned = {(t.split, t.number) for t in tasks}
+    for path in layout_files(out):
+        match = _SPLIT_FILE.fullmatch(path.name)
+        if match and (path.parent.name, int(match.group(1))) not in planned:
+            path.unlink()
 
 
 def reason_counts(reasons) -> Counter:
     return Counter(reason.split(" (")[0] for reason in reasons)  # "prompt fills max_length (40 >= 32)"
 
 
-def collect(out: Path, tasks: list[ShardTask], rows_in: dict[str, int]) -> tuple[dict[str, SplitInfo], list[dict]]:
+def collect(out: Path, tasks: list[ShardTask], rows_in: dict[str, int],
+            input_splits: dict[str, str]) -> tuple[dict[str, SplitInfo], list[dict]]:
     """SplitInfo per split and every reject record, from the complete shards on disk."""
     infos, all_rejects = {}, []
     for split, n in rows_in.items():
@@ -71,27 +124,36 @@ def collect(out: Path, tasks: list[ShardTask], rows_in: dict[str, int]) -> tuple
             rejected_by_reason=dict(reason_counts(r["reason"] for r in rejects)),
             completion_tokens=sum(completion_tokens(out / s.path) for s in shards),
             shards=shards,
+            input_split=input_splits[split],
         )
         all_rejects += rejects
     return infos, all_rejects
 
 
 def finish(out: Path, tasks: list[ShardTask], base: dict) -> Manifest:
-    """Rejects file, then the manifest (last: it marks the cache complete). `base` holds the
-    manifest's run-level fields: identity, identity_fields, reference_model, max_length,
-    truncation_mode, rejected_per_prompt, rows_in."""
+    """Rejects file, then the manifest (last: it marks the cache complete), once every input row is
+    cached or rejected exactly once and every split has cached rows. `base` holds the manifest's
+    run-level fields: identity, identity_fields, reference_model, max_length, truncation_mode,
+    rejected_per_prompt, rows_in, input_splits (cache split -> data split)."""
     missing = [str(t.path(out)) for t in tasks if not is_complete(t, out, base["identity"])]
     if missing:
         raise UserError(f"{out}: {len(missing)} shard(s) missing or incomplete, e.g. {missing[0]}")
-    infos, rejects = collect(out, tasks, base["rows_in"])
-    write_jsonl_atomic(rejects, out / "rejects.jsonl")
+    infos, rejects = collect(out, tasks, base["rows_in"], base["input_splits"])
+    write_jsonl_atomic(rejects, out / REJECTS_NAME)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION, identity=base["identity"], identity_fields=base["identity_fields"],
         reference_model=base["reference_model"], max_length=base["max_length"],
-        truncation_mode=base["truncation_mode"], splits=infos, rejects_file="rejects.jsonl",
+        truncation_mode=base["truncation_mode"], splits=infos, rejects_file=REJECTS_NAME,
         rejected_per_prompt=base["rejected_per_prompt"],
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), mlx_dpo_version=__version__,
     )
+    if problems := check_accounting(out, manifest):
+        raise UserError(f"{problems[0]}; nothing was marked complete: re-run precompute with --overwrite")
+    for name, info in infos.items():
+        if info.rows_cached == 0:
+            reasons = ", ".join(f"{n:,} {reason}" for reason, n in Counter(info.rejected_by_reason).most_common(3))
+            raise UserError(f"{out} [{name}]: none of its {info.rows_in:,} rows could be cached ({reasons}); "
+                            f"each row's reason is in {out / REJECTS_NAME}")
     write_json_atomic(out / MANIFEST_NAME, manifest.to_json())
     return manifest
 

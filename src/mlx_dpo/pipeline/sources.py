@@ -1,7 +1,5 @@
 """Which input rows go into which cache split, and their encoding (formats -> token ids)."""
 
-import hashlib
-import json
 from collections import Counter
 from dataclasses import dataclass
 
@@ -55,13 +53,6 @@ def select_sources(splits, cfg: PrecomputeConfig) -> tuple[dict[str, Source], st
         if len(source.dataset) == 0:
             raise UserError(f"{cfg.data} [{name}]: the split has no rows")
     return sources, eval_name
-
-
-def rows_hash(source: Source) -> str:
-    digest = hashlib.sha256()
-    for index, row in source.rows():
-        digest.update(json.dumps([index, row], sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
-    return digest.hexdigest()
 
 
 def encode_source(tokenizer, source: Source, cfg: PrecomputeConfig) -> list[dict | str]:

@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 
 from ..schemas import ShardInfo
 from ..schemas.atomic import atomic_path, write_text_atomic
+from ..schemas.columns import ROW_RANGE_KEY
 from ..schemas.verify import file_sha256
 
 
 def write_shard(table: pa.Table, path: Path, cache_dir: Path, row_group_rows: int = 256) -> ShardInfo:
-    """Write via temp file + fsync + rename: a shard on disk is always complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write via temp file + fsync + rename (+ fsync of the folder): a shard on disk is always complete."""
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
     return shard_info(path, cache_dir)
@@ -42,9 +42,18 @@ def write_jsonl_atomic(records: list[dict], path: Path) -> None:
 
 def shard_identity(path: Path) -> str | None:
     """The identity stored in a shard's schema metadata, or None if unreadable."""
+    return shard_metadata(path)[0]
+
+
+def shard_metadata(path: Path) -> tuple[str | None, dict | None]:
+    """(identity, row range) stored in a shard's schema metadata; None for what is unreadable."""
     try:
         metadata = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowInvalid):
-        return None
-    value = metadata.get(b"mlx_dpo.identity")
-    return value.decode() if value else None
+        return None, None
+    identity = metadata.get(b"mlx_dpo.identity")
+    try:
+        row_range = json.loads(metadata[ROW_RANGE_KEY.encode()])
+    except (KeyError, ValueError):
+        row_range = None
+    return (identity.decode() if identity else None), row_range

@@ -4,10 +4,13 @@ import json
 
 import pyarrow as pa
 
-# Bump when a column is added, removed or changes meaning; part of the cache identity.
-SCHEMA_VERSION = 1
+# Bump when a column or the manifest changes; part of the cache identity. Caches of another
+# version are refused with "re-run precompute". 2: dtype in the identity, shard row ranges,
+# SplitInfo.input_split.
+SCHEMA_VERSION = 2
 
 _TOKEN_LIST = pa.list_(pa.int32())
+ROW_RANGE_KEY = "mlx_dpo.row_range"
 
 REF_LOGPS_FIELDS = [
     pa.field("index", pa.int64(), nullable=False),  # 0-based row in the input split
@@ -35,10 +38,14 @@ SEVERAL_REJECTED_TYPES = {
 
 
 def ref_logps_schema(identity: str | None = None, identity_fields: dict | None = None,
-                     rejected_per_prompt: int = 1) -> pa.Schema:
+                     rejected_per_prompt: int = 1, row_range: dict | None = None) -> pa.Schema:
     """The shard schema, with the cache identity in its file-level metadata. With
-    rejected_per_prompt K > 1 the rejected columns are lists of K values per row."""
+    rejected_per_prompt K > 1 the rejected columns are lists of K values per row. `row_range`
+    ({"split", "start", "rows"}: positions in the split's input rows) is the shard's place in the
+    shard plan; a resumed run reuses a shard only where its plan has the same range."""
     metadata = {"mlx_dpo.schema_version": str(SCHEMA_VERSION)}
+    if row_range is not None:
+        metadata[ROW_RANGE_KEY] = json.dumps(row_range, sort_keys=True)
     if identity is not None:
         metadata["mlx_dpo.identity"] = identity
     if identity_fields is not None:

@@ -1,13 +1,25 @@
-"""Cache identity: a hash over everything that changes the cached values.
+"""Cache identity: a hash over everything that changes the cached values, and nothing else.
 
-Fields (all strings or plain JSON): schema_version, reference_weights (content hash),
-tokenizer (behaviour fingerprint incl. chat template), data (content hash of the input rows),
-options (max_length, truncation_mode, splits, fields).
+The fields are a dict of named values (IDENTITY_FIELDS, in the manifest as `identity_fields`); a
+field is a string or plain JSON, or a dict of named sub-values so differences are named one by one.
+To add an input that changes the values, add a named field (or sub-field of "options") where the
+pipeline builds them (pipeline/identity.py) and list it here.
 """
 
 import hashlib
 import json
 from pathlib import Path
+
+# schema_version: the cache layout; reference_weights: content hash of what mlx-lm loads (weights,
+# config, quantization); dtype: the reference's compute precision; tokenizer: its behaviour incl. the
+# chat template; tokenization_rules: TOKENIZATION_RULES; data: per split, the rows used; options:
+# max_length, truncation_mode, splits, valid_fraction.
+IDENTITY_FIELDS = ("schema_version", "reference_weights", "dtype", "tokenizer", "tokenization_rules", "data", "options")
+# Compute precisions of the reference forward (mlx dtype names).
+DTYPES = ("float32", "bfloat16", "float16")
+# Version of how mlx-dpo turns a row into token ids (pipeline/formats.py, encode.py): bump it when
+# those rules change, so caches built under the old rules are not reused.
+TOKENIZATION_RULES = 1
 
 
 class CacheMismatch(Exception):
@@ -33,17 +45,32 @@ def hash_files(paths: list[Path], chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+_PROBE = "Hello, world!  The 3 quick brown foxes; naïve café.\nNew line"
+_PROBE_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": _PROBE},
+               {"role": "assistant", "content": "Hi."}]
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of what decides token ids: vocabulary, special tokens, chat template, and how a probe
-    string encodes (which catches normalizer, pre-tokenizer and BOS-adding differences)."""
-    probe = "Hello, world!  The 3 quick brown foxes; naïve café.\nNew line"
+    string encodes (which catches normalizer, pre-tokenizer and BOS-adding differences) and, with a
+    template, how a probe conversation renders."""
     state = {
         "vocab": sorted(tokenizer.get_vocab().items()),
         "special": [str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")],
         "chat_template": getattr(tokenizer, "chat_template", None),
-        "probe": list(tokenizer(probe)["input_ids"]),
+        "probe": list(tokenizer(_PROBE)["input_ids"]),
     }
+    if state["chat_template"]:
+        try:
+            state["chat_probe"] = tokenizer.apply_chat_template(_PROBE_CHAT, tokenize=False)
+        except Exception as error:  # a template may refuse system messages: that is behaviour too
+            state["chat_probe"] = f"{type(error).__name__}: {error}"
     return hashlib.sha256(_canonical(state)).hexdigest()
+
+
+def missing_fields(fields: dict) -> list[str]:
+    """The IDENTITY_FIELDS a manifest's identity_fields lack (a cache from before them)."""
+    return [name for name in IDENTITY_FIELDS if name not in fields]
 
 
 def short_value(value) -> str:

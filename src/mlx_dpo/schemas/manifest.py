@@ -5,8 +5,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .atomic import write_text_atomic
+from .columns import SCHEMA_VERSION
 
 MANIFEST_NAME = "manifest.json"
+
+
+class OldCache(ValueError):
+    """A cache written under another schema version: rebuilt, never read."""
 
 
 @dataclass
@@ -19,12 +24,15 @@ class ShardInfo:
 
 @dataclass
 class SplitInfo:
-    rows_in: int
+    rows_in: int  # input rows this split draws: its `index` values plus its rejects' indices
     rows_cached: int
     rows_rejected: int
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     completion_tokens: int = 0
     shards: list[ShardInfo] = field(default_factory=list)
+    # The data split whose rows `index` counts: "train" and a --valid-fraction "valid" share one, so
+    # between them they hold each of its rows exactly once.
+    input_split: str = ""
 
 
 @dataclass
@@ -44,6 +52,11 @@ class Manifest:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def relative_paths(self) -> list[str]:
+        """Every file the manifest names, relative to the cache."""
+        shards = [s.path for split in self.splits.values() for s in split.shards]
+        return shards + ([self.rejects_file] if self.rejects_file else [])
+
     @classmethod
     def from_json(cls, data: dict) -> "Manifest":
         splits = {
@@ -58,14 +71,44 @@ def write_json_atomic(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def inside(cache_dir: Path, relative: str) -> Path:
+    """`cache_dir / relative`, refusing absolute paths, `..` and symbolic links: a cache from
+    elsewhere must not make us read (or anyone write) outside it. ValueError names the path."""
+    if not isinstance(relative, str) or Path(relative).is_absolute() or ".." in Path(relative).parts or not relative:
+        raise ValueError(f"{cache_dir}: manifest path {relative!r} points outside the cache")
+    path = Path(relative)
+    if any((Path(cache_dir) / Path(*path.parts[: i + 1])).is_symlink() for i in range(len(path.parts))):
+        raise ValueError(f"{cache_dir}: manifest path {relative!r} goes through a symbolic link")
+    return Path(cache_dir) / path
+
+
+def parse_manifest(raw: bytes | str, where: str) -> Manifest:
+    """A manifest from its JSON text. ValueError names `where`; OldCache (a ValueError) for a cache
+    of another schema version, which is refused rather than read."""
+    try:
+        data = json.loads(raw)
+        version = data.get("schema_version")
+        if not isinstance(version, int):
+            raise ValueError(f"schema_version {version!r} is not a number")
+        if version != SCHEMA_VERSION:
+            raise OldCache(f"{where}: a cache of schema version {version}, this mlx-dpo reads version "
+                           f"{SCHEMA_VERSION}; re-run precompute (with --overwrite) to rebuild it")
+        return Manifest.from_json(data)
+    except OldCache:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{where}/{MANIFEST_NAME}: unreadable manifest ({error})") from error
+
+
 def read_manifest(cache_dir: Path) -> Manifest:
-    """Read a complete cache's manifest; FileNotFoundError / ValueError name the path on failure."""
+    """Read a complete cache's manifest, every path it names checked to lie inside the cache.
+    FileNotFoundError / ValueError name the path on failure (see parse_manifest)."""
     path = Path(cache_dir) / MANIFEST_NAME
     if not Path(cache_dir).is_dir():
         raise FileNotFoundError(f"{cache_dir}: no such cache directory")
     if not path.is_file():
         raise FileNotFoundError(f"{cache_dir}: not a complete mlx-dpo cache (no {MANIFEST_NAME}; run `mlx-dpo precompute`)")
-    try:
-        return Manifest.from_json(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{path}: unreadable manifest ({error})") from error
+    manifest = parse_manifest(path.read_bytes(), str(cache_dir))
+    for relative in manifest.relative_paths():
+        inside(cache_dir, relative)
+    return manifest

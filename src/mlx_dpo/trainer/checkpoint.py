@@ -1,7 +1,6 @@
 """⑥ What a run leaves behind: mlx-lm-compatible adapters, resumable checkpoints, the config."""
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ import yaml
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import UserError
-from ..schemas.atomic import atomic_path, write_text_atomic
+from ..schemas.atomic import atomic_dir, atomic_path, write_text_atomic
 from .config import TrainConfig
 
 ADAPTERS = "adapters.safetensors"
@@ -97,18 +96,12 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, curso
     RNG key and stream cursor. Built in a temp directory and renamed, so a checkpoint directory is
     always whole; older checkpoints are removed after."""
     root = Path(run_dir) / CHECKPOINTS
-    final, tmp = root / f"{step:07d}", root / f".{step:07d}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / ADAPTERS), dict(tree_flatten(model.trainable_parameters())))
-    mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
-    state = {"step": step, "epoch": cursor.epoch, "batches": cursor.batches, "rng_key": mx.random.state[0].tolist()}
-    (tmp / STATE).write_text(json.dumps(state) + "\n")
-    for file in tmp.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    final = root / f"{step:07d}"
+    with atomic_dir(final) as tmp:  # fsynced files and folders: a saved checkpoint survives a power cut
+        mx.save_safetensors(str(tmp / ADAPTERS), dict(tree_flatten(model.trainable_parameters())))
+        mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
+        state = {"step": step, "epoch": cursor.epoch, "batches": cursor.batches, "rng_key": mx.random.state[0].tolist()}
+        (tmp / STATE).write_text(json.dumps(state) + "\n")
     for old in root.iterdir():
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

@@ -7,7 +7,7 @@ import mlx.optimizers as optim
 
 from ..distributed import world
 from ..errors import UserError
-from ..models import checked_model_path, load_model, load_tokenizer
+from ..models import checked_model_path, compute_dtype, load_model, load_tokenizer, weights_hash
 from ..schemas import read_manifest, tokenizer_fingerprint
 from ..schemas.identity import short_value
 from ..schemas.verify import check_cache
@@ -48,6 +48,20 @@ def check_tokenizer(manifest, tokenizer, cache: str, model: str) -> None:
             f"tokenizer differs: cache {short_value(cached)}, model {short_value(current)} "
             f"({cache} was precomputed with another tokenizer than {model}'s; the token ids would not match)"
         )
+
+
+def reference_difference(manifest, model: str, model_path: Path, dtype: str) -> str | None:
+    """One line when the starting policy is not the cache's reference as it was computed (other
+    weights, or another compute dtype): legitimate, but step 1 then does not start at ln 2."""
+    fields, differs = manifest.identity_fields, []
+    if (current := weights_hash(model_path)) != fields["reference_weights"]:
+        differs.append(f"its weights ({short_value(current)}) are not the cache's reference "
+                       f"({short_value(fields['reference_weights'])})")
+    if dtype != fields["dtype"]:
+        differs.append(f"it computes in {dtype}, the cache's reference was computed in {fields['dtype']}")
+    if not differs:
+        return None
+    return f"Note: policy {model}: {'; '.join(differs)}; so step 1's loss is not exactly ln 2 nor its margins 0"
 
 
 def build_schedule(cfg: TrainConfig):
@@ -98,6 +112,8 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
 
     mx.random.seed(cfg.seed)  # LoRA initialisation
     model = load_model(model_path, cfg.trust_remote_code)
+    if (note := reference_difference(manifest, cfg.model, model_path, compute_dtype(model_path))) is not None:
+        log(note)
     trainable = prepare_policy(model, cfg)
     log(f"Policy {cfg.model}: {cfg.fine_tune_type}, {trainable / 1e6:.3f}M trainable parameters; "
         f"reference from cache {manifest.identity[:12]} (not loaded)")

@@ -1,0 +1,49 @@
+"""The identity fields of a cache this run would write: everything that changes the cached values
+(see schemas/identity.py for the list), computed before any forward pass so a cache can be reused
+without loading the model."""
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from ..models import weights_hash
+from ..schemas import SCHEMA_VERSION, tokenizer_fingerprint
+from ..schemas.identity import TOKENIZATION_RULES
+from .config import PrecomputeConfig
+from .formats import Fields
+from .sources import EVAL_CACHE_SPLIT, Source, fields_of
+
+
+def data_hash(source: Source, fields: Fields) -> str:
+    """sha256 over each row's input position and the values of the columns the run reads, keyed by
+    their role (prompt, chosen, rejected, system, ...): other columns, the column names and a role
+    whose column the data lacks (or holds null) do not count."""
+    columns = source.dataset.column_names
+    roles = {f.name: getattr(fields, f.name) for f in dataclasses.fields(fields)}
+    present = {role: column for role, column in roles.items() if column in columns}
+    used = source.dataset.select_columns(sorted(set(present.values())))
+    digest = hashlib.sha256()
+    for index, row in zip(source.indices, used):
+        values = {role: row[column] for role, column in present.items() if row[column] is not None}
+        digest.update(json.dumps([index, values], sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def identity_fields(cfg: PrecomputeConfig, sources: dict[str, Source], eval_name: str | None,
+                    tokenizer, model_path: Path, dtype: str) -> dict:
+    """The named identity fields (schemas.identity.IDENTITY_FIELDS) of this run's cache."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "reference_weights": weights_hash(model_path),
+        "dtype": dtype,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenization_rules": TOKENIZATION_RULES,
+        "data": {name: data_hash(source, fields_of(cfg)) for name, source in sources.items()},
+        "options": {
+            "max_length": cfg.max_length,
+            "truncation_mode": cfg.truncation_mode,
+            "splits": {"train": cfg.split, EVAL_CACHE_SPLIT: eval_name},
+            "valid_fraction": cfg.valid_fraction if eval_name is None else 0.0,
+        },
+    }
