@@ -67,6 +67,17 @@ def test_dtype_is_part_of_the_identity_and_changes_the_values(bf16_model, standa
     assert result.exit_code == 1 and "dtype differs: cache bfloat16, this run float32" in result.output
 
 
+def test_default_dtype_is_float32_on_cpu_and_the_checkpoints_elsewhere(bf16_model, tiny_model_dir, monkeypatch):
+    import mlx.core as mx
+
+    from mlx_dpo.models import checkpoint_dtype, compute_dtype
+
+    assert (checkpoint_dtype(bf16_model), checkpoint_dtype(tiny_model_dir)) == ("bfloat16", "float32")
+    assert compute_dtype(bf16_model) == "float32" and compute_dtype(bf16_model, "float16") == "float16"
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # as on Metal or CUDA
+    assert compute_dtype(bf16_model) == "bfloat16"
+
+
 # ---- 2. the identity hashes exactly what the loader reads, and the rows the run uses
 
 def test_weights_hash_covers_what_mlx_lm_loads(tiny_model_dir, tmp_path):
