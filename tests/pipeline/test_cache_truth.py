@@ -285,4 +285,4 @@ def test_every_cache_file_and_folder_is_fsynced(tiny_model_dir, standard_data, t
     synced = {p.rsplit("/", 1)[-1] for p in seen}  # files are synced under their temp names
     files = [p for p in out.rglob("*") if p.is_file()]
     assert files and all(f".{p.stem}.{__import__('os').getpid()}.tmp{p.suffix}" in synced for p in files), sorted(synced)
-    assert {str(out), str(out / "train")} <= set(seen)  # the renames themselves are durable
+    assert {str(tmp_path), str(out), str(out / "train")} <= set(seen)  # new folders and the renames are durable

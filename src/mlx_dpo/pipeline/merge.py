@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..schemas import SCHEMA_VERSION, Manifest, describe_difference, read_manifest
-from ..schemas.atomic import atomic_path
+from ..schemas.atomic import atomic_path, make_dirs
 from ..schemas.manifest import MANIFEST_NAME
 from .lock import cache_lock
 from .shards import PARTIAL_NAME, finish, is_complete, owned, plan
@@ -49,7 +49,7 @@ def merge(out: Path, parts: list[Path], log=print) -> Manifest:
     base = {key: records[0][key] for key in ("identity", "identity_fields", "reference_model", "max_length",
                                              "truncation_mode", "rejected_per_prompt", "rows_in", "input_splits")}
     tasks = plan(base["rows_in"], records[0]["rows_per_shard"])
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     with cache_lock(out):
         if (out / MANIFEST_NAME).is_file():
             try:

@@ -17,6 +17,7 @@ from ..distributed import barrier, world
 from ..errors import UserError
 from ..models import checked_model_path, compute_dtype, load_model, load_tokenizer
 from ..schemas import Manifest, describe_difference, identity_hash, read_manifest, ref_logps_schema
+from ..schemas.atomic import make_dirs
 from ..schemas.manifest import MANIFEST_NAME
 from ..schemas.sequence import rejected_id_lists
 from ..schemas.verify import check_cache
@@ -156,7 +157,7 @@ def precompute(cfg: PrecomputeConfig, log=print, *, staging: bool = False) -> Ma
     fields = identity_fields(cfg, sources, eval_name, tokenizer, model_path, dtype)
     run = _Run(cfg, out, sources, tokenizer, model_path, dtype, fields, identity_hash(fields), log)
     input_splits = {"train": cfg.split, EVAL_CACHE_SPLIT: eval_name or cfg.split}
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)  # durable: the folder entry survives a power cut with the files in it
     workers, worker, group = _work_split(cfg)
     # One lock per cache directory: under mlx.launch rank 0 holds it for all ranks.
     with cache_lock(out) if worker == 0 or group is None else nullcontext():
