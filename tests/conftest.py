@@ -73,3 +73,22 @@ def standard_cache(tiny_model_dir, standard_data, tmp_path_factory) -> Path:
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture
+def fsynced(monkeypatch) -> list[str]:
+    """The paths os.fsync is called on from now on (files and folders), in order. A power cut cannot
+    be simulated here, so durability is checked as: every written file and folder was fsynced."""
+    seen, real = [], os.fsync
+
+    def recording(fd):
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return seen
+
+
+def atomic_temp_name(path: Path) -> str:
+    """The name schemas.atomic writes `path` under before renaming it (what gets fsynced)."""
+    return f".{path.stem}.{os.getpid()}.tmp{path.suffix}"

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import tiny_models
+from conftest import atomic_temp_name
 from mlx_dpo.cli import cli
 from mlx_dpo.models import weights_hash
 
@@ -265,24 +266,10 @@ def test_a_split_with_no_cached_rows_is_an_error(tiny_model_dir, tmp_path):
 
 # ---- 9. durable writes: every file and folder of a cache is fsynced before it counts
 
-def fsynced_paths(monkeypatch):
-    import os
-
-    seen, real = [], os.fsync
-
-    def recording(fd):
-        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", recording)
-    return seen
-
-
-def test_every_cache_file_and_folder_is_fsynced(tiny_model_dir, standard_data, tmp_path, monkeypatch):
-    seen = fsynced_paths(monkeypatch)
+def test_every_cache_file_and_folder_is_fsynced(tiny_model_dir, standard_data, tmp_path, fsynced):
     out = tmp_path / "cache"
     assert run(*standard_args(tiny_model_dir, standard_data, out)).exit_code == 0
-    synced = {p.rsplit("/", 1)[-1] for p in seen}  # files are synced under their temp names
+    names = {p.rsplit("/", 1)[-1] for p in fsynced}  # files are synced under their temp names
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert files and all(f".{p.stem}.{__import__('os').getpid()}.tmp{p.suffix}" in synced for p in files), sorted(synced)
-    assert {str(tmp_path), str(out), str(out / "train")} <= set(seen)  # new folders and the renames are durable
+    assert files and all(atomic_temp_name(p) in names for p in files), sorted(names)
+    assert {str(tmp_path), str(out), str(out / "train")} <= set(fsynced)  # new folders and the renames

@@ -2,13 +2,13 @@
 compute dtype), and its checkpoints are durable (issue 10, items 1, 8, 9)."""
 
 import json
-import os
 import shutil
 
 import pytest
 from click.testing import CliRunner
 
 import tiny_models
+from conftest import atomic_temp_name
 from mlx_dpo.cli import cli
 
 NOTE = "Note: policy "
@@ -68,21 +68,13 @@ def test_a_policy_computing_in_another_dtype_is_named(bf16_cache, tmp_path):
     assert "weights" not in notes[0]  # same weights: only the precision differs
 
 
-def test_checkpoints_are_fsynced_files_and_folders(standard_cache, tiny_model_dir, tmp_path, monkeypatch):
-    seen, real = [], os.fsync
-
-    def recording(fd):
-        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", recording)
+def test_checkpoints_are_fsynced_files_and_folders(standard_cache, tiny_model_dir, tmp_path, fsynced):
     out = tmp_path / "run"
     assert train(standard_cache, tiny_model_dir, out, "--steps-per-save", 1).exit_code == 0
     checkpoint = out / "checkpoints" / "0000001"
-    names = {p.rsplit("/", 1)[-1] for p in seen}
-    assert {"adapters.safetensors", "optimizer.safetensors", "state.json"} <= names  # in the temp folder
-    assert {str(out / "checkpoints"), str(out)} <= set(seen), seen  # the rename and the new folder
-    assert checkpoint.is_dir()
-    saved = {p.name for p in out.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
-    assert all(any(s.endswith(f"tmp{os.path.splitext(n)[1]}") and s.split("/")[-1].startswith(f".{os.path.splitext(n)[0]}.")
-                   for s in seen) for n in saved), (saved, seen)
+    in_temp_folder = {p.rsplit("/", 1)[-1] for p in fsynced if "/checkpoints/.0000001." in p}
+    assert in_temp_folder == {p.name for p in checkpoint.iterdir()} | {atomic_temp_name(checkpoint)}
+    assert {str(out / "checkpoints"), str(out)} <= set(fsynced)  # the rename, and the new folder
+    names = {p.rsplit("/", 1)[-1] for p in fsynced}
+    written = [p for p in out.iterdir() if p.is_file() and p.name != "metrics.jsonl"]  # adapters, configs
+    assert written and all(atomic_temp_name(p) in names for p in written), (written, names)
