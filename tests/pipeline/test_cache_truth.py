@@ -107,6 +107,16 @@ def test_a_weight_file_named_in_the_index_must_be_there(tiny_model_dir, tmp_path
         weights_hash(model)
 
 
+def test_tokenizer_fingerprint_covers_the_chat_template(tiny_model_dir):
+    from mlx_dpo.models import load_tokenizer
+    from mlx_dpo.schemas import tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    base = tokenizer_fingerprint(tokenizer)
+    tokenizer.chat_template = tokenizer.chat_template.replace("'<|assistant|>", "'<|assistant|> ")
+    assert tokenizer_fingerprint(tokenizer) != base
+
+
 def test_identity_names_tokenization_rules_and_dtype(standard_cache):
     fields = manifest_of(standard_cache)["identity_fields"]
     assert fields["tokenization_rules"] >= 1 and fields["dtype"] == "float32"

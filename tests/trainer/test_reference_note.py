@@ -2,6 +2,7 @@
 compute dtype), and its checkpoints are durable (issue 10, items 1, 8, 9)."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -66,6 +67,7 @@ def test_a_policy_computing_in_another_dtype_is_named(bf16_cache, tmp_path):
     notes = [line for line in result.output.splitlines() if line.startswith(NOTE)]
     assert len(notes) == 1 and "it computes in float32, the cache's reference was computed in bfloat16" in notes[0]
     assert "weights" not in notes[0]  # same weights: only the precision differs
+    assert abs(first_loss(tmp_path / "run") - math.log(2)) > 1e-4  # why it is worth a line
 
 
 def test_checkpoints_are_fsynced_files_and_folders(standard_cache, tiny_model_dir, tmp_path, fsynced):
