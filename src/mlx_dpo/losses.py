@@ -39,7 +39,7 @@ class Pairs:
     def scores(self) -> tuple[mx.array, mx.array]:
         """Log-ratios through f'(t) of the chosen f-divergence (reverse KL: the log-ratio itself)."""
         transform = F_DIVERGENCES[self.options.get("f_divergence_type", "reverse_kl")]
-        alpha = self.options.get("f_alpha_divergence_coef", 1.0)
+        alpha = self.options.get("f_alpha_divergence_coef", 0.5)
         return transform(self.chosen_logratios, alpha), transform(self.rejected_logratios, alpha)
 
     def delta_score(self) -> mx.array:
@@ -53,19 +53,29 @@ class Pairs:
 
 
 # ---- f-divergences (Wang et al. 2023, "Beyond Reverse KL"): f'(t) of the ratio t = π/π_ref ----
+# exp() arguments stop at 30 nats (TRL: 80) so that even squared scores (ipo) and their batch sums stay
+# finite in float32 for log-ratios anywhere in ±1000 nats; past it the score is flat (zero gradient).
+EXP_CLAMP = 30.0
+
+
+def _clamped_exp(x: mx.array) -> mx.array:
+    return mx.exp(mx.minimum(x, EXP_CLAMP))
+
+
 def _alpha_divergence(logratio: mx.array, alpha: float) -> mx.array:
     if abs(alpha - 1.0) < 1e-6:  # the limit is log t: reverse KL
         return logratio
-    t = mx.minimum((alpha - 1.0) * logratio, 80.0)  # keep exp finite in float32, as TRL clamps
-    return (mx.exp(t) - 1.0) / (alpha - 1.0)
+    return (_clamped_exp((alpha - 1.0) * logratio) - 1.0) / (alpha - 1.0)
 
 
 F_DIVERGENCES: dict[str, Callable] = {
     "reverse_kl": lambda r, a: r,
-    "forward_kl": lambda r, a: 1 - mx.exp(-r),
+    "forward_kl": lambda r, a: 1 - _clamped_exp(-r),
     "js_divergence": lambda r, a: math.log(2) + log_sigmoid(r),
     "alpha_divergence": _alpha_divergence,
 }
+# Losses normalised per completion token rather than per pair: weighted by global token counts.
+TOKEN_LOSSES = {"sft"}
 
 LOSSES: dict[str, Callable[[Pairs], mx.array]] = {}
 
@@ -79,6 +89,8 @@ def register(name: str):
 
 
 def _conservative(logits: mx.array, eps: float) -> mx.array:
+    if eps == 0:  # no 0·logσ(-x) term: it is 0·(-inf) = nan where x is +inf
+        return -log_sigmoid(logits)
     return -(1 - eps) * log_sigmoid(logits) - eps * log_sigmoid(-logits)
 
 
@@ -173,9 +185,10 @@ def apo_down_loss(p: Pairs) -> mx.array:
 @register("discopop")
 def discopop_loss(p: Pairs) -> mx.array:
     """DiscoPOP (Chris Lu et al. 2024, eq. 5): logistic/exponential blend gated by σ(βx/τ)."""
-    logits = p.beta * p.delta_score()
-    gate = mx.sigmoid(logits / p.options.get("discopop_tau", 0.05))
-    return -log_sigmoid(logits) * (1 - gate) + mx.exp(-logits) * gate
+    logits, tau = p.beta * p.delta_score(), p.options.get("discopop_tau", 0.05)
+    # e^{-x}·σ(x/τ) as one exponent: the product is inf·0 = nan where x is very negative
+    exponential = _clamped_exp(-logits + log_sigmoid(logits / tau))
+    return -log_sigmoid(logits) * mx.sigmoid(-logits / tau) + exponential
 
 
 @register("sigmoid_norm")
@@ -209,6 +222,16 @@ def plackett_luce_loss(p: Pairs) -> mx.array:
 
 
 REJECTED_AGGREGATIONS = ("pairwise", "softmax")
+
+
+def split_token_losses(loss_type, loss_weights=None) -> tuple[list[str], list[float], float]:
+    """(per-pair loss types, their weights, summed weight of the per-token ones): a step weights the
+    first by its global pair count and the second by its global count of chosen completion tokens."""
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = list(loss_weights or [1.0] * len(types))
+    pairs = [(t, w) for t, w in zip(types, weights) if t not in TOKEN_LOSSES]
+    token_weight = sum(w for t, w in zip(types, weights) if t in TOKEN_LOSSES)
+    return [t for t, _ in pairs], [w for _, w in pairs], float(token_weight)
 OPTION_NAMES = {"f_divergence_type", "f_alpha_divergence_coef", "discopop_tau", "simpo_gamma"}
 
 

@@ -15,8 +15,8 @@ import tiny_models
 from mlx_dpo.cli import cli
 
 TIMING = ("tokens_per_sec", "peak_memory_gb")
-# 12 rows in batches of 4 with 2 micro-batches a step: an epoch is 1.5 steps, so resume points fall
-# mid-epoch; dropout makes every step draw from the RNG; warmup + cosine make the schedule matter.
+# 12 rows in global batches of 4 x 2 micro-batches: an epoch is a step of 8 pairs and one of 4, so
+# resume points fall mid-epoch; dropout makes every step draw from the RNG; warmup + cosine make the schedule matter.
 ARGS = ["--iters", 7, "--batch-size", 4, "--grad-accumulation-steps", 2, "--learning-rate", 1e-2,
         "--warmup-steps", 2, "--lora-dropout", 0.1, "--shuffle-buffer", 8, "--steps-per-report", 1,
         "--steps-per-eval", 3, "--steps-per-save", 2]
@@ -63,7 +63,7 @@ def test_stopped_then_resumed_equals_uninterrupted(setup):
     assert max(r["step"] for r in metrics(root / "stopped")) == 3
     resumed = train(root, model, "stopped", "--resume")
     assert resumed.exit_code == 0, resumed.output
-    assert "Resuming" in resumed.output and "after step 3 of 7 (epoch 1, batch 3)" in resumed.output
+    assert "Resuming" in resumed.output and "after step 3 of 7 (epoch 1, batch 1)" in resumed.output
     assert_same_run(root / "stopped", root / "whole")
     again = train(root, model, "stopped", "--resume")
     assert again.exit_code == 0 and "already complete (7 of 7 steps)" in again.output

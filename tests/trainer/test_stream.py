@@ -42,7 +42,7 @@ def _stream(shards, **kw):
 
 def test_exact_padded_batch(shards):
     # Unshuffled: rows sorted by pair length; rows 0 and 3 are the shortest (chosen of 1 token).
-    batch = next(iter(_stream(shards, shuffle=False).epoch(0)))
+    [batch] = next(iter(_stream(shards, shuffle=False).epoch(0)))
     np.testing.assert_array_equal(batch.indices, [0, 3])
     np.testing.assert_array_equal(batch.input_ids, [
         [100, 7],  # row 0: prompt [100], chosen [7]
@@ -58,22 +58,53 @@ def test_exact_padded_batch(shards):
 def test_every_row_once_per_epoch_and_seeded(shards):
     stream = _stream(shards)
     for epoch in range(2):
-        seen = Counter(int(i) for b in stream.epoch(epoch) for i in b.indices)
+        seen = Counter(int(i) for [b] in stream.epoch(epoch) for i in b.indices)
         assert seen == Counter(range(13))
-    order = lambda s, e: [tuple(b.indices) for b in s.epoch(e)]  # noqa: E731
+    order = lambda s, e: [tuple(b.indices) for [b] in s.epoch(e)]  # noqa: E731
     assert order(stream, 0) == order(_stream(shards), 0)  # same seed, same order
     assert order(stream, 0) != order(stream, 1)  # epochs differ
     assert order(stream, 0) != order(_stream(shards, seed=2), 0)
 
 
 def test_resume_continues_where_it_stopped(shards):
-    full = [(e, tuple(b.indices)) for (e, b), _ in zip(_stream(shards).forever(), range(12))]
-    resumed = [(e, tuple(b.indices)) for (e, b), _ in zip(_stream(shards).forever(0, skip_batches=5), range(7))]
+    full = [(e, tuple(b.indices)) for (e, [b]), _ in zip(_stream(shards).forever(), range(12))]
+    resumed = [(e, tuple(b.indices)) for (e, [b]), _ in zip(_stream(shards).forever(0, skip_steps=5), range(7))]
     assert resumed == full[5:]
 
 
 def test_batches_hold_similar_lengths(shards):
     # Within a buffer rows are sorted by length, so no batch mixes length 2 and 4 when avoidable.
-    for batch in _stream(shards, shuffle_buffer=13).epoch(0):
+    for [batch] in _stream(shards, shuffle_buffer=13).epoch(0):
         widths = batch.completion_mask.sum(axis=1)[: len(batch.indices)]  # chosen rows only
         assert widths.max() - widths.min() <= 1
+
+
+@pytest.mark.parametrize("ranks, micro_batches, batch_size", [(3, 1, 2), (2, 2, 2), (1, 3, 2), (4, 1, 3)])
+def test_every_row_once_under_any_split(shards, ranks, micro_batches, batch_size):
+    """13 rows, global batches that do not divide them: the ranks' shares of every step hold every row
+    of the epoch exactly once; every rank runs the same number of steps, a rank left without rows in
+    a short last batch gets a stand-in row of weight 0."""
+    streams = [_stream(shards, rank=r, ranks=ranks, micro_batches=micro_batches, batch_size=batch_size)
+               for r in range(ranks)]
+    for epoch in range(2):
+        steps = [list(s.epoch(epoch)) for s in streams]
+        assert len({len(rank_steps) for rank_steps in steps}) == 1
+        trained = Counter(i for rank_steps in steps for step in rank_steps for b in step for i in b.real_indices())
+        assert trained == Counter(range(13))
+        for rank_steps in steps:
+            assert all(len(step) == micro_batches for step in rank_steps)
+
+
+def test_batches_change_between_epochs(tmp_path):
+    """Rows of 12 distinct lengths, all in one shuffle buffer: epochs must pair rows differently (not
+    only reorder the same length-sorted batches), and batches still hold neighbouring lengths."""
+    schema = ref_logps_schema("test")
+    rows = [{**row, "chosen_ids": [7] * (i + 1), "n_chosen_tokens": i + 1} for i, row in enumerate(_rows(0, 12))]
+    table = pa.table({f.name: [r[f.name] for r in rows] for f in schema}, schema=schema)
+    write_shard(table, tmp_path / "part-00000.parquet", tmp_path, row_group_rows=4)
+    stream = _stream([tmp_path / "part-00000.parquet"], batch_size=3, shuffle_buffer=64)
+    batches = lambda e: {frozenset(b.indices.tolist()) for [b] in stream.epoch(e)}  # noqa: E731
+    assert batches(0) != batches(1) != batches(2)
+    for epoch in range(3):
+        # A row moves by less than one global batch: a batch spans fewer than 2 x 3 sorted positions.
+        assert all(max(b) - min(b) < 6 for b in batches(epoch))

@@ -42,9 +42,15 @@ def adapter_config(cfg: TrainConfig) -> dict:
     }
 
 
-def save_run_config(cfg: TrainConfig, run_dir: Path, cache_identity: str) -> None:
+def run_config(cfg: TrainConfig, cache_identity: str, ranks: int) -> dict:
+    """config.yaml: the options, the cache and the number of ranks (the global batch, and which rows
+    each step holds, depend on it)."""
+    return {**asdict(cfg), "cache_identity": cache_identity, "ranks": ranks}
+
+
+def save_run_config(cfg: TrainConfig, run_dir: Path, cache_identity: str, ranks: int = 1) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {**asdict(cfg), "cache_identity": cache_identity}
+    config = run_config(cfg, cache_identity, ranks)
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     write_text_atomic(run_dir / ADAPTER_CONFIG, json.dumps(adapter_config(cfg), indent=2) + "\n")
 
@@ -59,14 +65,15 @@ def save_adapters(model: nn.Module, run_dir: Path, step: int) -> Path:
 
 @dataclass
 class Cursor:
-    """Where the train stream stands: its next batch is number `batches` of `epoch`."""
+    """Where the train stream stands: its next step is global batch number `batches` of `epoch`."""
 
     epoch: int = 0
     batches: int = 0
 
 
 class TrackedBatches:
-    """The train stream's batches, keeping the cursor a checkpoint needs to resume the stream."""
+    """The train stream's steps (this rank's micro-batches of each global batch), keeping the cursor a
+    checkpoint needs to resume the stream."""
 
     def __init__(self, stream, start: Cursor):
         self.cursor = Cursor(start.epoch, start.batches)
@@ -76,11 +83,11 @@ class TrackedBatches:
         return self
 
     def __next__(self):
-        epoch, batch = next(self._pairs)
+        epoch, step = next(self._pairs)
         if epoch != self.cursor.epoch:
             self.cursor = Cursor(epoch, 0)
         self.cursor.batches += 1
-        return batch
+        return step
 
 
 @dataclass
@@ -129,14 +136,16 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, optimizer) -> N
     mx.random.seed((high << 32) | low)  # the key is the seed's two halves, so this restores it exactly
 
 
-def check_resumable(run_dir: Path, cfg: TrainConfig, cache_identity: str) -> None:
-    """A run resumes only with the options it started with (reporting aside) and the same cache."""
+def check_resumable(run_dir: Path, cfg: TrainConfig, cache_identity: str, ranks: int = 1) -> None:
+    """A run resumes only with the options it started with (reporting aside), the same cache and the
+    same number of ranks (its cursor counts global batches, whose size and rows depend on them)."""
     path = Path(run_dir) / "config.yaml"
     try:
         saved = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise UserError(f"{path}: cannot read the run's configuration ({error})") from error
-    current = {**asdict(cfg), "cache_identity": cache_identity}
+    saved.setdefault("ranks", 1)  # runs from before ranks were recorded
+    current = run_config(cfg, cache_identity, ranks)
     differ = [k for k in sorted(set(saved) | set(current)) if k not in REPORTING_OPTIONS and saved.get(k) != current.get(k)]
     if differ:
         raise UserError(f"{run_dir}: cannot resume with other options ("
@@ -144,16 +153,16 @@ def check_resumable(run_dir: Path, cfg: TrainConfig, cache_identity: str) -> Non
                         + "); use them, or start a new run with another --output")
 
 
-def resume_point(run_dir: Path, cfg: TrainConfig, cache_identity: str) -> Checkpoint:
+def resume_point(run_dir: Path, cfg: TrainConfig, cache_identity: str, ranks: int = 1) -> Checkpoint:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise UserError(f"{run_dir}: no checkpoint to resume from (one is saved every --steps-per-save steps)")
-    check_resumable(run_dir, cfg, cache_identity)
+    check_resumable(run_dir, cfg, cache_identity, ranks)
     return checkpoint
 
 
-def start_run_dir(cfg: TrainConfig, run_dir: Path, cache_identity: str, overwrite: bool) -> None:
+def start_run_dir(cfg: TrainConfig, run_dir: Path, cache_identity: str, overwrite: bool, ranks: int = 1) -> None:
     if overwrite and run_dir.exists():
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # never resume an old run's state
-    save_run_config(cfg, run_dir, cache_identity)
+    save_run_config(cfg, run_dir, cache_identity, ranks)

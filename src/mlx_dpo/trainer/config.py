@@ -11,6 +11,12 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "sft")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 REJECTED_AGGREGATIONS = ("pairwise", "softmax")
+# Losses built on the f-divergence scores (TRL 1.16's set); the others use plain log-ratios.
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+# Losses that read --label-smoothing (mlx_dpo.losses: conservative DPO, EXO, robust, AOT, SimPO).
+LABEL_SMOOTHING_LOSSES = ("sigmoid", "exo_pair", "robust", "aot", "aot_unpaired", "simpo")
+# Losses that compare pairs across the batch: they need the whole global batch in one forward.
+BATCH_LOSSES = ("aot", "aot_unpaired")
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,7 @@ class TrainConfig:
     reference_free: bool = field(default=False, metadata={"group": "Loss", "help": "Ignore the cached reference (reference-free DPO)."})
     rejected_aggregation: str = field(default="pairwise", metadata={"group": "Loss", "help": "Several rejected per prompt: pairwise (mean over K pairs) or softmax (Plackett-Luce top-1)."})
     f_divergence_type: str = field(default="reverse_kl", metadata={"group": "Loss", "help": "f-divergence on the log-ratios: " + ", ".join(F_DIVERGENCES) + "."})
-    f_alpha_divergence_coef: float = field(default=1.0, metadata={"group": "Loss", "help": "α of alpha_divergence."})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"group": "Loss", "help": "α of alpha_divergence (TRL's default 0.5; 1 is reverse KL)."})
     simpo_gamma: float = field(default=0.5, metadata={"group": "Loss", "help": "SimPO target margin γ."})
     discopop_tau: float = field(default=0.05, metadata={"group": "Loss", "help": "DiscoPOP gate temperature τ."})
     ld_alpha: float | None = field(default=None, metadata={"group": "Loss", "help": "LD-DPO α in [0, 1]: weight of the tokens past the shorter answer's length (needs a K = 1 cache)."})
@@ -54,7 +60,7 @@ class TrainConfig:
     # reporting and saving
     steps_per_report: int = field(default=10, metadata={"group": "Output", "help": "Report training metrics every N steps (and at step 1)."})
     steps_per_eval: int = field(default=100, metadata={"group": "Output", "help": "Evaluate on the cache's valid split every N steps (and at the end)."})
-    val_batches: int = field(default=25, metadata={"group": "Output", "help": "Batches per evaluation; -1 for the whole valid split."})
+    val_batches: int | None = field(default=None, metadata={"group": "Output", "help": "Batches per evaluation: a fixed seeded sample of the valid split, the same at every evaluation; -1 for the whole split. Default: the whole split up to 1,000 pairs, else 25 batches."})
     steps_per_save: int = field(default=100, metadata={"group": "Output", "help": "Save adapters and a resumable checkpoint every N steps."})
 
     def __post_init__(self):
@@ -67,7 +73,7 @@ class TrainConfig:
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
             (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
             (self.num_layers == -1 or self.num_layers > 0, "--num-layers must be positive or -1"),
-            (self.val_batches == -1 or self.val_batches > 0, "--val-batches must be positive or -1"),
+            (self.val_batches in (None, -1) or self.val_batches > 0, "--val-batches must be positive or -1"),
         ]
         for name in ("iters", "batch_size", "grad_accumulation_steps", "lora_rank", "shuffle_buffer",
                      "steps_per_report", "steps_per_eval", "steps_per_save"):
@@ -81,6 +87,15 @@ class TrainConfig:
             (self.rejected_aggregation in REJECTED_AGGREGATIONS, "--rejected-aggregation must be pairwise or softmax"),
             (self.rejected_aggregation == "pairwise" or set(types) <= {"sigmoid", "sft"},
              "--rejected-aggregation softmax is defined for the sigmoid loss only"),
+            (self.rejected_aggregation == "pairwise" or self.label_smoothing == 0,
+             "--label-smoothing has no effect with --rejected-aggregation softmax"),
+            (self.label_smoothing == 0 or any(t in LABEL_SMOOTHING_LOSSES for t in types),
+             f"--label-smoothing has no effect on --loss-type {self.loss_type} (used by {', '.join(LABEL_SMOOTHING_LOSSES)})"),
+            (self.f_divergence_type == "reverse_kl" or set(types) <= set(F_DIVERGENCE_LOSSES),
+             f"--f-divergence-type {self.f_divergence_type} has no effect on --loss-type "
+             f"{', '.join(t for t in types if t not in F_DIVERGENCE_LOSSES)} (used by {', '.join(F_DIVERGENCE_LOSSES)})"),
+            (self.grad_accumulation_steps == 1 or not set(types) & set(BATCH_LOSSES),
+             "--loss-type aot/aot_unpaired sorts across the batch: use a larger --batch-size, not --grad-accumulation-steps"),
             (self.discopop_tau > 0, "--discopop-tau must be positive"),
             (self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "--ld-alpha must be in [0, 1]"),
         ]

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import mlx.optimizers as optim
 
 from ..distributed import world
@@ -20,7 +21,7 @@ from .checkpoint import (
     save_checkpoint,
     start_run_dir,
 )
-from .config import TrainConfig
+from .config import BATCH_LOSSES, TrainConfig
 from .metrics import MetricsLog, format_report
 from .policy import prepare_policy
 from .stream import PairStream
@@ -76,14 +77,37 @@ def build_schedule(cfg: TrainConfig):
     return optim.join_schedules([warmup, main], [cfg.warmup_steps])
 
 
-def _split_stream(manifest, cache: str, split: str, cfg: TrainConfig, pad_id: int, shuffle: bool, group):
+def build_optimizer(cfg: TrainConfig) -> optim.AdamW:
+    """AdamW as torch.optim.AdamW (bias correction on; betas 0.9/0.999, eps 1e-8, decoupled weight
+    decay), so TRL recipes' learning rates mean the same step. mlx-lm's default turns the correction off."""
+    return optim.AdamW(learning_rate=build_schedule(cfg), weight_decay=cfg.weight_decay, bias_correction=True)
+
+
+def _split_stream(manifest, cache: str, split: str, cfg: TrainConfig, pad_id: int, train: bool, group):
     shards = [Path(cache) / s.path for s in manifest.splits[split].shards]
     return PairStream(
         shards, batch_size=cfg.batch_size, max_length=manifest.max_length,
-        truncation_mode=manifest.truncation_mode, pad_id=pad_id, shuffle=shuffle,
+        truncation_mode=manifest.truncation_mode, pad_id=pad_id, shuffle=train,
         seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, with_tails=cfg.ld_alpha is not None,
-        rank=group.rank(), ranks=group.size(),
+        rank=group.rank(), ranks=group.size(), micro_batches=cfg.grad_accumulation_steps if train else 1,
     )
+
+
+# Valid splits up to this many pairs are scored whole by default.
+WHOLE_EVAL_PAIRS = 1000
+DEFAULT_VAL_BATCHES = 25
+
+
+def eval_sample(rows: int, cfg: TrainConfig, ranks: int) -> set[int] | None:
+    """Positions (file order) of the valid rows every evaluation scores: None for all of them, else a
+    seeded uniform sample of --val-batches global batches, the same at every evaluation."""
+    batches = cfg.val_batches
+    if batches is None:
+        batches = -1 if rows <= WHOLE_EVAL_PAIRS else DEFAULT_VAL_BATCHES
+    wanted = rows if batches == -1 else min(rows, batches * cfg.batch_size * ranks)
+    if wanted == rows:
+        return None
+    return set(np.random.default_rng([cfg.seed, 1]).choice(rows, wanted, replace=False).tolist())
 
 
 def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume: bool = False,
@@ -105,7 +129,10 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
     model_path = checked_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     check_tokenizer(manifest, tokenizer, cfg.cache, cfg.model)
-    checkpoint = resume_point(run_dir, cfg, manifest.identity) if resume else None
+    if group.size() > 1 and set(cfg.loss_types) & set(BATCH_LOSSES):
+        raise UserError(f"--loss-type {cfg.loss_type} sorts across the batch: run it on one process "
+                        f"(here {group.size()} ranks), with the global batch as --batch-size")
+    checkpoint = resume_point(run_dir, cfg, manifest.identity, group.size()) if resume else None
     if checkpoint is not None and checkpoint.step >= cfg.iters:
         log(f"{run_dir}: already complete ({checkpoint.step} of {cfg.iters} steps); nothing to resume")
         return []
@@ -120,13 +147,21 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_stream = _split_stream(manifest, cfg.cache, "train", cfg, pad_id, True, group)
-    eval_stream = _split_stream(manifest, cfg.cache, "valid", cfg, pad_id, False, group) if "valid" in manifest.splits else None
-    if group.size() > 1:
-        log(f"Data parallel over {group.size()} ranks: global batch {cfg.batch_size} x {group.size()} = "
-            f"{cfg.batch_size * group.size()} pairs per micro-batch")
+    eval_stream, eval_keep = None, None
+    if "valid" in manifest.splits and manifest.splits["valid"].rows_cached == 0:
+        log(f"{cfg.cache}: the valid split has no cached rows; no evaluation")
+    elif "valid" in manifest.splits:
+        eval_stream = _split_stream(manifest, cfg.cache, "valid", cfg, pad_id, False, group)
+        valid_rows = manifest.splits["valid"].rows_cached
+        eval_keep = eval_sample(valid_rows, cfg, group.size())
+        log(f"eval on {valid_rows if eval_keep is None else len(eval_keep)} of {valid_rows} pairs of the valid split"
+            + (" (a fixed seeded sample, the same at every evaluation)" if eval_keep is not None else ""))
+    if group.size() > 1 or cfg.grad_accumulation_steps > 1:
+        log(f"Global batch {cfg.batch_size} x {group.size()} ranks x {cfg.grad_accumulation_steps} micro-batches = "
+            f"{train_stream.global_size} pairs per step; loss and gradients are means over the global batch")
 
     if checkpoint is None and main:
-        start_run_dir(cfg, run_dir, manifest.identity, overwrite)
+        start_run_dir(cfg, run_dir, manifest.identity, overwrite, group.size())
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     records = metrics_log.keep_until(checkpoint.step) if checkpoint is not None and main else []
     loss_fn = make_loss_fn(cfg.loss_options(), cfg.ld_alpha)
@@ -137,9 +172,15 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
             log(format_report(records[-1]))
 
     def run_eval(step: int) -> None:
-        report(step, "eval", evaluate(model, loss_fn, eval_stream.epoch(0), cfg.val_batches, group))
+        report(step, "eval", evaluate(model, loss_fn, eval_stream.epoch(0, keep=eval_keep), group))
 
-    optimizer = optim.AdamW(learning_rate=build_schedule(cfg), weight_decay=cfg.weight_decay)
+    def skip(step: int, info: dict) -> None:
+        if main:
+            records.append(metrics_log.write(step, "skipped", {"reason": "non-finite loss or gradient", **info}))
+            log(f"[skip ] step {step:>5} | loss {info['loss']} | grad_norm {info['grad_norm']} | "
+                f"not applied; batch rows {info['indices']}")
+
+    optimizer = build_optimizer(cfg)
     if checkpoint is not None:
         restore_checkpoint(checkpoint, model, optimizer)
         log(f"Resuming {run_dir} after step {checkpoint.step} of {cfg.iters} "
@@ -156,7 +197,7 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
 
     train(
         model, optimizer, batches, loss_fn, iters=cfg.iters, start_step=checkpoint.step if checkpoint else 0,
-        stop_after=stop_after, grad_accumulation_steps=cfg.grad_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
+        stop_after=stop_after, max_grad_norm=cfg.max_grad_norm, on_skip=skip,
         steps_per_report=cfg.steps_per_report, steps_per_eval=cfg.steps_per_eval, steps_per_save=cfg.steps_per_save,
         on_report=lambda step, metrics: report(step, "train", metrics),
         on_eval=run_eval if eval_stream is not None else None, on_save=save, group=group,

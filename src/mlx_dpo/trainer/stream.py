@@ -1,7 +1,7 @@
-"""④ Parquet shards -> bounded shuffle buffer -> length-bucketed, padded batches.
+"""④ Parquet shards -> bounded shuffle buffer -> length-bucketed, padded global batches -> shares.
 
 Memory is bounded by the shuffle buffer (rows), not by the cache size. The order depends only on
-the seed and the epoch, so a run can resume by skipping the batches it already consumed.
+the seed and the epoch, so a run can resume by skipping the steps it already consumed.
 """
 
 from collections.abc import Iterator
@@ -25,8 +25,18 @@ class Batch:
     ref_chosen_logps: np.ndarray  # (B,) float32
     ref_rejected_logps: np.ndarray  # (B,), or (B, K) with K rejected answers per prompt
     indices: np.ndarray  # (B,) input-row indices, for tracing a batch back to the data
+    weights: np.ndarray  # (B,) float32: 1, or 0 for a stand-in row of a rank left without rows
     ref_chosen_tail_logps: np.ndarray | None = None  # (B,), with --ld-alpha
     ref_rejected_tail_logps: np.ndarray | None = None
+
+    def counts(self) -> np.ndarray:
+        """[pairs, scored chosen completion tokens] (float64): what a step's loss is normalised by."""
+        pairs = len(self.indices)
+        chosen_tokens = self.completion_mask[:pairs, 1:].sum(axis=1)  # as sequence_logps scores them
+        return np.array([self.weights.sum(), (self.weights * chosen_tokens).sum()], dtype=np.float64)
+
+    def real_indices(self) -> list[int]:
+        return [int(i) for i, w in zip(self.indices, self.weights) if w > 0]
 
 
 def iter_rows(shards: list[Path], rng: np.random.Generator | None, columns=ROW_COLUMNS) -> Iterator[dict]:
@@ -39,63 +49,84 @@ def iter_rows(shards: list[Path], rng: np.random.Generator | None, columns=ROW_C
             yield from parquet.read_row_group(int(g), columns=columns).to_pylist()
 
 
-class PairStream:
-    """Batches of preference pairs from a cache split.
+def split_evenly(rows: list, parts: int) -> list[list]:
+    """`parts` contiguous runs of `rows` whose sizes differ by at most one (some empty if too few rows)."""
+    bounds = [round(i * len(rows) / parts) for i in range(parts + 1)]
+    return [rows[a:b] for a, b in zip(bounds, bounds[1:])]
 
-    With `shuffle`, each epoch reads rows in a seeded random order into a buffer of
-    `shuffle_buffer` rows, sorts the buffer by length so a batch holds similar lengths (little
-    padding), and yields its batches in random order. Without it, rows come sorted by length.
+
+class PairStream:
+    """Steps of preference pairs from a cache split.
+
+    A step is one global batch of batch_size x ranks x micro_batches pairs; each rank gets its
+    micro_batches shares of it. With `shuffle`, each epoch reads rows in a seeded random order into a
+    buffer of `shuffle_buffer` rows, orders the buffer by length with a seeded jitter of about one
+    global batch (similar lengths share a batch, little padding, and batches change between epochs),
+    and yields its global batches in random order. Without it, rows come sorted by length within each
+    buffer. The last global batch of a buffer may be smaller; no row is dropped or repeated.
     """
 
     def __init__(self, shards, *, batch_size, max_length, truncation_mode, pad_id,
                  shuffle=True, seed=0, shuffle_buffer=4096, pad_to_multiple=32, with_tails=False,
-                 rank=0, ranks=1):
+                 rank=0, ranks=1, micro_batches=1):
         self.shards = [Path(s) for s in shards]
-        self.batch_size = batch_size
+        self.batch_size, self.micro_batches = batch_size, micro_batches
+        self.global_size = batch_size * ranks * micro_batches
         self.collate = dict(max_length=max_length, truncation_mode=truncation_mode, pad_id=pad_id,
                             pad_to_multiple=pad_to_multiple)
-        self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, max(shuffle_buffer, batch_size)
+        self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, max(shuffle_buffer, self.global_size)
         self.columns = ROW_COLUMNS + (TAIL_COLUMNS if with_tails else [])
-        # Data parallel: every rank forms the same global batches of batch_size x ranks pairs and
-        # keeps every ranks-th row of each, so together they train exactly what one process would.
+        # Data parallel: every rank forms the same global batches and keeps its shares of each, so
+        # together they train exactly what one process would.
         self.rank, self.ranks = rank, ranks
 
-    def _buffer_batches(self, buffer: list[dict], rng) -> list[list[dict]]:
+    def _global_batches(self, buffer: list[dict], rng) -> list[list[dict]]:
         buffer.sort(key=pair_length)
-        size = self.batch_size * self.ranks
+        if rng is not None:  # move each row by up to one global batch: other neighbours every epoch
+            jitter = np.arange(len(buffer)) + rng.uniform(0, self.global_size, len(buffer))
+            buffer = [buffer[i] for i in np.argsort(jitter, kind="stable")]
+        size = self.global_size
         batches = [buffer[i : i + size] for i in range(0, len(buffer), size)]
         if rng is not None:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        # A global batch too small to give every rank a row is dropped (only ever the last of a buffer).
-        return [b[self.rank :: self.ranks] for b in batches if len(b) >= self.ranks]
+        return batches
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def local_batches(self, rows: list[dict]) -> list[Batch]:
+        """This rank's micro-batches of one global batch. A share left empty (a global batch smaller
+        than micro-batches x ranks) holds a stand-in row of weight 0, so every rank runs every step."""
+        shares = split_evenly(rows, self.micro_batches * self.ranks)
+        mine = [shares[j * self.ranks + self.rank] for j in range(self.micro_batches)]
+        return [self.make_batch(share) if share else self.make_batch(rows[:1], weight=0.0) for share in mine]
+
+    def epoch(self, epoch: int, keep: set[int] | None = None) -> Iterator[list[Batch]]:
+        """Steps of `epoch`; with `keep`, only the rows at those positions of the split's file order."""
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         buffer = []
-        limit = self.shuffle_buffer if self.shuffle else None
-        for row in iter_rows(self.shards, rng, self.columns):
+        for position, row in enumerate(iter_rows(self.shards, rng, self.columns)):
+            if keep is not None and position not in keep:
+                continue
             buffer.append(row)
-            if limit is not None and len(buffer) >= limit:
-                yield from map(self.make_batch, self._buffer_batches(buffer, rng))
+            if len(buffer) >= self.shuffle_buffer:
+                yield from map(self.local_batches, self._global_batches(buffer, rng))
                 buffer = []
         if buffer:
-            yield from map(self.make_batch, self._buffer_batches(buffer, rng))
+            yield from map(self.local_batches, self._global_batches(buffer, rng))
 
-    def forever(self, start_epoch: int = 0, skip_batches: int = 0) -> Iterator[tuple[int, Batch]]:
-        """(epoch, batch) pairs without end; resumes `skip_batches` into `start_epoch`."""
+    def forever(self, start_epoch: int = 0, skip_steps: int = 0) -> Iterator[tuple[int, list[Batch]]]:
+        """(epoch, micro-batches of a step) without end; resumes `skip_steps` into `start_epoch`."""
         epoch = start_epoch
         while True:
             produced = 0
-            for i, batch in enumerate(self.epoch(epoch)):
+            for i, step in enumerate(self.epoch(epoch)):
                 produced += 1
-                if epoch == start_epoch and i < skip_batches:
+                if epoch == start_epoch and i < skip_steps:
                     continue
-                yield epoch, batch
+                yield epoch, step
             if produced == 0:
                 raise ValueError("the cache split has no rows to train on")
             epoch += 1
 
-    def make_batch(self, rows: list[dict]) -> Batch:
+    def make_batch(self, rows: list[dict], weight: float = 1.0) -> Batch:
         input_ids, completion_mask = collate_pairs(rows, **self.collate)
         return Batch(
             input_ids=input_ids,
@@ -103,5 +134,6 @@ class PairStream:
             ref_chosen_logps=np.array([r["ref_chosen_logps"] for r in rows], dtype=np.float32),
             ref_rejected_logps=np.array([r["ref_rejected_logps"] for r in rows], dtype=np.float32),
             indices=np.array([r["index"] for r in rows], dtype=np.int64),
+            weights=np.full(len(rows), weight, dtype=np.float32),
             **{name: np.array([r[name] for r in rows], dtype=np.float32) for name in TAIL_COLUMNS if name in rows[0]},
         )

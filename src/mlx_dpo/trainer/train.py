@@ -1,6 +1,12 @@
 """⑤ The training loop: compiled step, reports, evaluation, saves. The model and the data are
-arguments; nothing here loads a model or knows about files."""
+arguments; nothing here loads a model or knows about files.
 
+A step's loss is a mean over the pairs of its global batch (per-pair terms) plus a mean over their
+chosen completion tokens (per-token terms: sft, --rpo-alpha). Every micro-batch on every rank adds
+its sums divided by the global counts, so the step's loss, gradient and metrics do not depend on
+how the global batch is split into ranks and micro-batches, nor on its size."""
+
+import math
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -8,91 +14,113 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
 
-from ..distributed import all_sum
+from ..distributed import all_gather_indices, all_sum, all_sum_tree
+from ..errors import UserError
 from ..logps import sequence_logps, shared_lengths, split_chosen_rejected
-from ..losses import preference_loss
+from ..losses import preference_loss, split_token_losses
 from .stream import Batch
 
-# Order of the metric vector the step returns; averaged over steps, then named for the report.
-METRIC_NAMES = (
-    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-    "logps/chosen", "logps/rejected", "nll_loss",
-)
+# Metrics reported, TRL's names. The step vector holds, in order: the per-pair part of the loss,
+# the per-pair metrics below, and the chosen NLL per token; "loss" adds the token part.
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")
+METRIC_NAMES = ("loss", *PAIR_METRICS, "nll_loss")
+# Non-finite steps in a row that end the run: one is skipped, a run of them is a diverged run.
+MAX_SKIPPED_IN_A_ROW = 3
 
 
 def make_loss_fn(loss_options: dict, ld_alpha: float | None = None):
-    """loss_fn(model, input_ids, completion_mask, ref_chosen, ref_rejected) -> (mean loss, (metrics, ntoks)),
-    for preference_loss(**loss_options). Metrics are computed per example, then averaged."""
+    """loss_fn(model, input_ids, completion_mask, ref_chosen, ref_rejected, weights, scale[, tails])
+    -> (loss, (metrics, ntoks)) for preference_loss(**loss_options).
+
+    `weights` (B,) are the pairs' weights (0 for stand-in rows); `scale` (2,) is 1 / (global pairs,
+    global chosen tokens) of the step. The loss is Σ w·pair_loss·scale[0] + token_weight·Σ w·NLL·scale[1];
+    `metrics` is the step vector of METRIC_NAMES (see `named_metrics`), summable over micro-batches
+    and ranks. `loss_fn.token_weight` is the summed weight of the per-token terms."""
     options = dict(loss_options)
     beta, reference_free = options["beta"], options.get("reference_free", False)
+    pair_types, pair_weights, token_weight = split_token_losses(options.pop("loss_type"), options.pop("loss_weights", None))
 
-    def loss_fn(model, input_ids, completion_mask, ref_chosen_logps, ref_rejected_logps,
+    def loss_fn(model, input_ids, completion_mask, ref_chosen_logps, ref_rejected_logps, weights, scale,
                 ref_chosen_tail_logps=None, ref_rejected_tail_logps=None):
         pairs, several = ref_chosen_logps.shape[0], ref_rejected_logps.ndim == 2
         if ld_alpha is None:
-            logps, ntoks = sequence_logps(model, input_ids, completion_mask)  # ((1+K)B,)
+            plain, ntoks = sequence_logps(model, input_ids, completion_mask)  # ((1+K)B,)
+            logps = plain
         else:  # LD-DPO (Liu et al. 2024): tokens past the shorter answer count with weight α
-            logps, ntoks, tail = sequence_logps(model, input_ids, completion_mask, shared_lengths(completion_mask, pairs))
-            logps = logps - (1 - ld_alpha) * tail
+            plain, ntoks, tail = sequence_logps(model, input_ids, completion_mask, shared_lengths(completion_mask, pairs))
+            logps = plain - (1 - ld_alpha) * tail
             ref_chosen_logps = ref_chosen_logps - (1 - ld_alpha) * ref_chosen_tail_logps
             ref_rejected_logps = ref_rejected_logps - (1 - ld_alpha) * ref_rejected_tail_logps
         policy_chosen, policy_rejected = split_chosen_rejected(logps, pairs, several)  # (B,), (B,) or (B, K)
         chosen_lengths, rejected_lengths = split_chosen_rejected(ntoks, pairs, several)
-        losses = preference_loss(policy_chosen, policy_rejected, ref_chosen_logps, ref_rejected_logps,
-                                 chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **options)
-        scale = 0.0 if reference_free else 1.0
-        chosen_rewards = beta * (policy_chosen - scale * ref_chosen_logps)
-        rejected_rewards = beta * (policy_rejected - scale * ref_rejected_logps)
-        if several:  # accuracy and margin over every (chosen, rejected_k) comparison
-            chosen_rewards = mx.broadcast_to(chosen_rewards[:, None], rejected_rewards.shape)
-        metrics = mx.stack([
-            losses.mean(),
-            chosen_rewards.mean(),
-            rejected_rewards.mean(),
-            (chosen_rewards > rejected_rewards).astype(mx.float32).mean(),  # per example, then mean
-            (chosen_rewards - rejected_rewards).mean(),
-            policy_chosen.mean(),
-            policy_rejected.mean(),  # over all K answers
-            -policy_chosen.sum() / mx.maximum(chosen_lengths.sum(), 1),  # NLL per chosen token
-        ])
-        return losses.mean(), (metrics, ntoks.sum())
+        if pair_types:
+            pair_losses = preference_loss(
+                policy_chosen, policy_rejected, ref_chosen_logps, ref_rejected_logps, loss_type=pair_types,
+                loss_weights=pair_weights, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **options)
+        else:
+            pair_losses = mx.zeros((pairs,))
+        # The NLL is the plain one, LD-DPO weights only the preference term.
+        nll_sum = -(weights * plain[:pairs]).sum()  # over the chosen tokens of real pairs
+        scale_ref = 0.0 if reference_free else 1.0
+        chosen_rewards = beta * (policy_chosen - scale_ref * ref_chosen_logps)
+        rejected_rewards = beta * (policy_rejected - scale_ref * ref_rejected_logps)
+        versus = chosen_rewards[:, None] if several else chosen_rewards  # against each rejected answer
+        per_pair = [chosen_rewards, rejected_rewards, versus > rejected_rewards, versus - rejected_rewards,
+                    policy_chosen, policy_rejected]
+        # with K rejected answers: per pair means over the K (accuracy, margin, rejected values)
+        per_pair = mx.stack([v.astype(mx.float32).reshape(pairs, -1).mean(axis=1) for v in per_pair])  # (6, B)
+        pair_sum = (weights * pair_losses).sum()
+        metrics = mx.concatenate([mx.stack([pair_sum]) * scale[0], (per_pair * weights).sum(axis=1) * scale[0],
+                                  mx.stack([nll_sum]) * scale[1]])
+        loss = pair_sum * scale[0] + token_weight * nll_sum * scale[1]
+        k = ntoks.shape[0] // pairs
+        return loss, (metrics, (mx.tile(weights, k) * ntoks).sum())
 
+    loss_fn.token_weight = token_weight
     return loss_fn
 
 
-def _arrays(batch: Batch) -> tuple[mx.array, ...]:
-    arrays = [batch.input_ids, batch.completion_mask, batch.ref_chosen_logps, batch.ref_rejected_logps]
-    if batch.ref_chosen_tail_logps is not None:
-        arrays += [batch.ref_chosen_tail_logps, batch.ref_rejected_tail_logps]
-    return tuple(mx.array(a) for a in arrays)
+def named_metrics(vector: list[float], token_weight: float) -> dict:
+    """The step vector as TRL's metric names; loss = per-pair part + token_weight × NLL per token."""
+    return {"loss": vector[0] + token_weight * vector[-1], **dict(zip(PAIR_METRICS, vector[1:-1])),
+            "nll_loss": vector[-1]}
 
 
-def evaluate(model, loss_fn, batches: Iterator[Batch], max_batches: int, group=None) -> dict:
-    """Metrics averaged over pairs of up to `max_batches` batches (-1: all), summed over ranks."""
-    totals, pairs, ntoks = mx.zeros(len(METRIC_NAMES)), mx.array(0.0), mx.array(0.0)
-    for i, batch in enumerate(batches):
-        if i == max_batches:
-            break
-        _, (metrics, toks) = loss_fn(model, *_arrays(batch))
-        n = len(batch.indices)
-        totals, pairs, ntoks = totals + metrics * n, pairs + n, ntoks + toks
-        mx.eval(totals, pairs, ntoks)
-    totals, pairs, ntoks = (all_sum(x, group) for x in (totals, pairs, ntoks))
-    return {**dict(zip(METRIC_NAMES, (totals / mx.maximum(pairs, 1)).tolist())), "ntoks": int(ntoks.item())}
+def _arrays(batch: Batch, scale) -> tuple[mx.array, ...]:
+    arrays = [batch.input_ids, batch.completion_mask, batch.ref_chosen_logps, batch.ref_rejected_logps,
+              batch.weights]
+    tails = [batch.ref_chosen_tail_logps, batch.ref_rejected_tail_logps] if batch.ref_chosen_tail_logps is not None else []
+    return (*(mx.array(a) for a in arrays), scale, *(mx.array(a) for a in tails))
+
+
+def evaluate(model, loss_fn, steps: Iterator[list[Batch]], group=None) -> dict:
+    """Metrics over every pair of `steps` (all ranks): sums, then divided by the global counts."""
+    totals, counts, ntoks = mx.zeros(len(METRIC_NAMES)), np.zeros(2), mx.array(0.0)
+    for batches in steps:
+        for batch in batches:
+            _, (metrics, toks) = loss_fn(model, *_arrays(batch, mx.array([1.0, 1.0])))
+            totals, ntoks = totals + metrics, ntoks + toks
+            counts += batch.counts()
+            mx.eval(totals, ntoks)
+    totals, counts, ntoks = all_sum(totals, group), all_sum(mx.array(counts, dtype=mx.float32), group), all_sum(ntoks, group)
+    divide = mx.concatenate([mx.full(len(METRIC_NAMES) - 1, counts[0]), counts[1:]])
+    vector = (totals / mx.maximum(divide, 1)).tolist()
+    return {**named_metrics(vector, loss_fn.token_weight), "ntoks": int(ntoks.item())}
 
 
 def train(
     model: nn.Module,
     optimizer: optim.Optimizer,
-    batches: Iterator[Batch],
+    batches: Iterator[list[Batch]],
     loss_fn: Callable,
     *,
     iters: int,
     start_step: int = 0,
     stop_after: int | None = None,
-    grad_accumulation_steps: int = 1,
     max_grad_norm: float = 1.0,
     steps_per_report: int = 10,
     steps_per_eval: int = 100,
@@ -100,13 +128,17 @@ def train(
     on_report: Callable[[int, dict], None] = lambda step, metrics: None,
     on_eval: Callable[[int], None] | None = None,
     on_save: Callable[[int], None] = lambda step: None,
+    on_skip: Callable[[int, dict], None] = lambda step, info: None,
     group=None,
 ) -> None:
     """Run optimizer steps `start_step+1 .. iters`, or `.. stop_after` as if interrupted there (the
-    schedule is the optimizer's and still spans `iters`). Each step consumes `grad_accumulation_steps`
-    batches. Under mlx.launch (`group` of N ranks) gradients are averaged and reported metrics are
-    means over ranks. Step 1 is always reported: at step 1 the policy is still the reference, so its loss
-    is ln 2 and its margins 0, a check that both stages score tokens the same way."""
+    schedule is the optimizer's and still spans `iters`). Each item of `batches` is this rank's
+    micro-batches of one global batch (a step). Under mlx.launch (`group` of N ranks) gradients and
+    metrics are summed over ranks, each already divided by the global counts. A step whose loss or
+    gradient is not finite is skipped (weights and optimizer state untouched) and passed to `on_skip`;
+    MAX_SKIPPED_IN_A_ROW in a row raise UserError. Step 1 is always reported: at step 1 the policy is
+    still the reference, so its loss is ln 2 and its margins 0, a check that both stages score tokens
+    the same way."""
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
@@ -118,42 +150,58 @@ def train(
         return loss, aux, grad
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def update(grad):
-        grad = tree_map(lambda g: g / grad_accumulation_steps, grad)
-        if ranks > 1:
-            grad = nn.average_gradients(grad, group)
-        if max_grad_norm > 0:
-            grad, norm = optim.clip_grad_norm(grad, max_grad_norm)
-        else:
-            norm = optim.clip_grad_norm(grad, float("inf"))[1]
-        optimizer.update(model, grad)
-        return norm
+    def reduce(grad, metrics):
+        grad, metrics = all_sum_tree(grad, group), all_sum(metrics, group)
+        norm = mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grad)))
+        return grad, metrics, norm
 
-    ranks = 1 if group is None else group.size()
+    @partial(mx.compile, inputs=state, outputs=state)
+    def apply(grad, norm):
+        if max_grad_norm > 0:  # torch.nn.utils.clip_grad_norm_'s factor
+            factor = mx.minimum(max_grad_norm / (norm + 1e-6), 1.0)
+            grad = tree_map(lambda g: g * factor.astype(g.dtype), grad)
+        optimizer.update(model, grad)
+        return optimizer.state["learning_rate"]  # the rate this update used
+
     model.train()
     # ---- running sums for the next report ----
-    sums, ntoks, grad_norms, steps, seconds = mx.zeros(len(METRIC_NAMES)), 0, 0.0, 0, 0.0
+    sums, ntoks, grad_norms, steps, seconds, skipped = mx.zeros(len(METRIC_NAMES)), 0, 0.0, 0, 0.0, 0
+    learning_rate = math.nan
     last = iters if stop_after is None else min(iters, stop_after)
     for step in range(start_step + 1, last + 1):
         tic = time.perf_counter()
-        # ---- forward/backward over the micro-batches, then one update ----
-        grad = None
-        for _ in range(grad_accumulation_steps):
-            _, (metrics, toks), grad = accumulate(_arrays(next(batches)), grad)
-            sums, ntoks = sums + metrics / grad_accumulation_steps, ntoks + toks
-        learning_rate = optimizer.learning_rate  # the rate this step is taken with
-        grad_norm = update(grad)
-        mx.eval(state, sums, ntoks, grad_norm, learning_rate)
+        # ---- global counts, forward/backward over the micro-batches, sums over ranks ----
+        micro = next(batches)
+        counts = all_sum(mx.array(sum(b.counts() for b in micro), dtype=mx.float32), group)
+        scale = 1.0 / mx.maximum(counts, 1.0)
+        grad, metrics, toks = None, mx.zeros(len(METRIC_NAMES)), mx.array(0.0)
+        for batch in micro:
+            _, (batch_metrics, batch_toks), grad = accumulate(_arrays(batch, scale), grad)
+            metrics, toks = metrics + batch_metrics, toks + batch_toks
+        grad, metrics, grad_norm = reduce(grad, mx.concatenate([metrics, toks[None]]))
+        mx.eval(grad, metrics, grad_norm)
+        vector, norm = metrics.tolist(), grad_norm.item()
+        report = named_metrics(vector[:-1], loss_fn.token_weight)
+        # ---- skip a non-finite step; several in a row end the run ----
+        if not (math.isfinite(report["loss"]) and math.isfinite(norm)):
+            skipped += 1
+            indices = all_gather_indices([i for b in micro for i in b.real_indices()], group)
+            on_skip(step, {"loss": report["loss"], "grad_norm": norm, "indices": indices})
+            if skipped >= MAX_SKIPPED_IN_A_ROW:
+                raise UserError(f"step {step}: {skipped} steps in a row with a non-finite loss or gradient "
+                                f"(last batch rows {indices}); lower --learning-rate or check the cache")
+        else:
+            skipped = 0
+            learning_rate = apply(grad, grad_norm)
+            mx.eval(state, learning_rate)
+            sums, ntoks, grad_norms, steps = sums + metrics[:-1], ntoks + vector[-1], grad_norms + norm, steps + 1
         seconds += time.perf_counter() - tic
-        steps += 1
-        grad_norms += grad_norm.item()
 
         # ---- report ----
-        if step % steps_per_report == 0 or step == iters or step == 1:
-            sums, ntoks = all_sum(sums, group) / ranks, all_sum(mx.array(ntoks), group).item()
-            report = dict(zip(METRIC_NAMES, (sums / steps).tolist()))
+        if (step % steps_per_report == 0 or step == iters or step == 1) and steps > 0:
+            report = named_metrics((sums / steps).tolist(), loss_fn.token_weight)
             report.update(
-                ntoks=int(ntoks), tokens_per_sec=int(ntoks) / seconds, learning_rate=learning_rate.item(),
+                ntoks=int(ntoks), tokens_per_sec=ntoks / seconds, learning_rate=learning_rate.item(),
                 grad_norm=grad_norms / steps, peak_memory_gb=mx.get_peak_memory() / 1e9,
             )
             on_report(step, report)
