@@ -2,7 +2,6 @@
 Each must give what one process gives."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
