@@ -61,3 +61,19 @@ def test_step0_is_ln2_with_and_without_ld_but_not_reference_free(shared, tiny_mo
     assert losses["dpo"] == pytest.approx(math.log(2), abs=1e-4)
     assert losses["ld"] == pytest.approx(math.log(2), abs=1e-4)  # policy LD sums equal the cached reference's
     assert abs(losses["free"] - math.log(2)) > 1e-3  # the raw log-prob gap is not zero
+
+
+def test_ld_alpha_weights_only_the_preference_term(shared, tiny_model_dir):
+    """With --ld-alpha the NLL (`nll_loss`, `sft`, --rpo-alpha) stays the plain per-token NLL of the whole
+    chosen answer: at step 1 (same pairs, same policy) it equals the run without LD-DPO, at any α."""
+    root, _ = shared
+    first = {}
+    for name, extra in (("plain", []), ("ld0", ["--ld-alpha", "0"]), ("ld5", ["--ld-alpha", "0.5"])):
+        out = root / f"ld-nll-{name}"
+        assert run("train", "--cache", root / "cache", "--model", tiny_model_dir, "--output", out, "--iters", 1,
+                   "--batch-size", 4, "--loss-type", "sigmoid,sft", "--loss-weights", "0,1", *extra).exit_code == 0
+        first[name] = json.loads(open(out / "metrics.jsonl").readline())
+    for name in ("ld0", "ld5"):
+        assert first[name]["nll_loss"] == pytest.approx(first["plain"]["nll_loss"], rel=1e-6)
+        assert first[name]["loss"] == pytest.approx(first["plain"]["loss"], rel=1e-6)  # sft only (weight 0 on sigmoid)
+    assert first["plain"]["loss"] == pytest.approx(first["plain"]["nll_loss"], rel=1e-6)
