@@ -106,14 +106,13 @@ def train(model: str, cache: str, fine_tune: str, online: bool, warmup: int, mea
     """Our train() on the cache; with `online`, the same trainer also loads the reference model and runs
     it inside every step (kept only here, as the baseline the cache removes)."""
     import mlx.core as mx
-    import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
     from mlx_dpo.logps import sequence_logps, split_chosen_rejected
     from mlx_dpo.models import load_model, load_tokenizer
     from mlx_dpo.trainer.config import TrainConfig
     from mlx_dpo.trainer.policy import prepare_policy
-    from mlx_dpo.trainer.run import build_schedule, open_cache
+    from mlx_dpo.trainer.run import build_optimizer, open_cache
     from mlx_dpo.trainer.stream import PairStream
     from mlx_dpo.trainer.train import make_loss_fn
     from mlx_dpo.trainer.train import train as train_loop
@@ -133,10 +132,12 @@ def train(model: str, cache: str, fine_tune: str, online: bool, warmup: int, mea
         reference.freeze()
         cached_loss = loss_fn
 
-        def loss_fn(policy_, input_ids, completion_mask, ref_chosen_logps, ref_rejected_logps):
+        def loss_fn(policy_, input_ids, completion_mask, ref_chosen_logps, ref_rejected_logps, weights, scale):
             logps, _ = sequence_logps(reference, input_ids, completion_mask)
             chosen, rejected = split_chosen_rejected(mx.stop_gradient(logps), ref_chosen_logps.shape[0], False)
-            return cached_loss(policy_, input_ids, completion_mask, chosen, rejected)
+            return cached_loss(policy_, input_ids, completion_mask, chosen, rejected, weights, scale)
+
+        loss_fn.token_weight = cached_loss.token_weight
 
     stream = PairStream([Path(cache) / s.path for s in manifest.splits["train"].shards], batch_size=cfg.batch_size,
                         max_length=manifest.max_length, truncation_mode=manifest.truncation_mode,
@@ -144,11 +145,12 @@ def train(model: str, cache: str, fine_tune: str, online: bool, warmup: int, mea
     shapes, seconds, cpu = [], [], [time.process_time()]
 
     def batches():
-        for _, batch in stream.forever():
+        for _, step in stream.forever():
+            batch = step[0]  # one micro-batch per step
             shapes.append((batch.input_ids.size, int(batch.completion_mask.sum()), int((batch.input_ids != tokenizer.pad_token_id).sum())))
-            yield batch
+            yield step
 
-    train_loop(policy, optim.AdamW(learning_rate=build_schedule(cfg)), batches(), loss_fn, iters=cfg.iters,
+    train_loop(policy, build_optimizer(cfg), batches(), loss_fn, iters=cfg.iters,
                steps_per_report=1, steps_per_eval=10**9, steps_per_save=10**9,
                on_report=lambda step, m: (seconds.append(m["ntoks"] / m["tokens_per_sec"]), cpu.append(time.process_time())))
     return dict(**step_stats(seconds, warmup), step_cpu_s=cpu_per_step(cpu, warmup), trainable_params=trainable,
@@ -189,13 +191,13 @@ def padding(cache_rows: int, prompt_mean: int, response_mean: int, out: str) -> 
         for batch_size in (4, 8):
             stream = PairStream([shard], batch_size=batch_size, max_length=None, truncation_mode="keep_start",
                                 pad_id=0, shuffle=True, seed=0, pad_to_multiple=multiple)
-            out_[f"ours_b{batch_size}_x{multiple}"] = waste(b.input_ids for b in stream.epoch(0))
+            out_[f"ours_b{batch_size}_x{multiple}"] = waste(b.input_ids for [b] in stream.epoch(0))
     # Candidate: chosen rows and rejected rows padded separately (two forwards per step, same tokens).
     stream = PairStream([shard], batch_size=4, max_length=None, truncation_mode="keep_start", pad_id=0,
                         shuffle=True, seed=0, pad_to_multiple=1)
     for multiple in (32, 8):
         padded = real = 0
-        for b in stream.epoch(0):
+        for [b] in stream.epoch(0):
             lengths = (b.input_ids != 0).sum(axis=1)
             for half in (lengths[: len(lengths) // 2], lengths[len(lengths) // 2 :]):
                 padded += len(half) * -(-int(half.max()) // multiple) * multiple

@@ -149,7 +149,7 @@ def train_variants(model: str, cache: str, fine_tune: str, reps: int) -> dict:
     shards = [Path(cache) / s.path for s in manifest.splits["train"].shards]
     batches = {x: next(iter(PairStream(shards, batch_size=4, max_length=manifest.max_length, pad_id=3,
                                         truncation_mode=manifest.truncation_mode, shuffle=False,
-                                        pad_to_multiple=x).epoch(0))) for x in (32, 8)}
+                                        pad_to_multiple=x).epoch(0)))[0] for x in (32, 8)}
     mx.random.seed(0)
     policy = load_model(Path(model))
     prepare_policy(policy, cfg)
@@ -177,7 +177,8 @@ def train_variants(model: str, cache: str, fine_tune: str, reps: int) -> dict:
     for rep in range(reps + 1):
         for name, (step, b, logps) in variants.items():
             trainer.sequence_logps = logps if logps is src_logps else _fixed_mask(b)
-            arrays = [mx.array(a) for a in (b.input_ids, b.completion_mask, b.ref_chosen_logps, b.ref_rejected_logps)]
+            arrays = [mx.array(a) for a in (b.input_ids, b.completion_mask, b.ref_chosen_logps, b.ref_rejected_logps,
+                                            b.weights, (1 / b.counts()).astype("float32"))]  # 1 / (pairs, tokens)
             mx.reset_peak_memory()
             tic = time.perf_counter()
             mx.eval(step(*arrays), state)
