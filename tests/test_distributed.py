@@ -22,11 +22,12 @@ def run(*args):
 
 
 def launch(*args):
-    """`mlx.launch --backend ring -n 2 mlx-dpo ...`: two real ranks on localhost."""
+    """`mlx.launch --backend ring -n 2 mlx-dpo ...`: two real ranks on localhost; stdout + stderr.
+    (mlx.launch exits 0 even when its ranks exit 1: callers check the output.)"""
     command = [str(BIN / "mlx.launch"), "--backend", "ring", "-n", "2", str(BIN / "mlx-dpo"), *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 def shards(cache: Path) -> dict[str, str]:
@@ -97,8 +98,8 @@ def test_a_step_does_not_depend_on_how_its_global_batch_is_split(tiny_model_dir,
     tiny_models.write_jsonl(tmp_path / "data" / "valid.jsonl", rows[7:12])
     assert run("precompute", "--model", tiny_model_dir, "--data", tmp_path / "data", "--out", tmp_path / "cache",
                "--rows-per-shard", 3).exit_code == 0
-    args = ["--cache", tmp_path / "cache", "--model", tiny_model_dir, *TRAIN_ARGS, "--iters", 5,
-            "--loss-type", "sigmoid,sft", "--loss-weights", "1,0.5"]
+    base = ["--cache", tmp_path / "cache", "--model", tiny_model_dir, *TRAIN_ARGS, "--iters", 5]
+    args = [*base, "--loss-type", "sigmoid,sft", "--loss-weights", "1,0.5"]
     assert run("train", *args, "--output", tmp_path / "one", "--batch-size", 4).exit_code == 0
     result = run("train", *args, "--output", tmp_path / "accumulated", "--batch-size", 2, "--grad-accumulation-steps", 2)
     assert result.exit_code == 0, result.output
@@ -111,3 +112,7 @@ def test_a_step_does_not_depend_on_how_its_global_batch_is_split(tiny_model_dir,
 
     resumed = run("train", *args, "--output", tmp_path / "two", "--batch-size", 2, "--resume")
     assert resumed.exit_code == 1 and "cannot resume with other options (ranks: run 2, now 1)" in resumed.output
+    # A loss that sorts across the batch cannot be split over ranks: refused in one line.
+    refused = launch("train", *base, "--output", tmp_path / "aot", "--batch-size", 2, "--loss-type", "aot")
+    assert "Error: --loss-type aot sorts across the batch: run it on one process (here 2 ranks)" in refused
+    assert "exited with code 1" in refused and not (tmp_path / "aot").exists()
