@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import mlx.optimizers as optim
+import numpy as np
 
 from ..distributed import world
 from ..errors import UserError
