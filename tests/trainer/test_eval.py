@@ -75,15 +75,20 @@ def test_unshuffled_stream_holds_one_buffer_at_a_time(cache):
     assert all(len({p // 4 for p in b}) == 1 for b in batches), batches
 
 
-def test_a_valid_split_without_rows_skips_evaluation(tiny_model_dir, tmp_path):
-    """Every valid prompt fills --max-length, so the valid split caches no row: one note, no eval records."""
-    rows = tiny_models.standard_rows()
-    tiny_models.write_jsonl(tmp_path / "data" / "train.jsonl", [r for r in rows if len(r["prompt"]) < 30])
-    tiny_models.write_jsonl(tmp_path / "data" / "valid.jsonl", [r for r in rows if len(r["prompt"]) > 60])
-    assert run("precompute", "--model", tiny_model_dir, "--data", tmp_path / "data", "--out", tmp_path / "cache",
-               "--max-length", 12).exit_code == 0
-    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["splits"]["valid"]["rows_cached"] == 0
-    result = run("train", "--cache", tmp_path / "cache", "--model", tiny_model_dir, "--output", tmp_path / "run",
+def test_a_valid_split_without_rows_skips_evaluation(cache, tiny_model_dir, tmp_path):
+    """A manifest whose valid split holds no cached row (precompute refuses to write one; an edited or
+    foreign manifest may): one note, no eval records, never `loss 0.0000 acc 0.000`."""
+    import shutil
+
+    edited = tmp_path / "cache"
+    shutil.copytree(cache, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    valid = manifest["splits"]["valid"]
+    for shard in valid["shards"]:
+        (edited / shard["path"]).unlink()
+    valid.update(rows_cached=0, rows_rejected=valid["rows_in"], shards=[])
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    result = run("train", "--cache", edited, "--model", tiny_model_dir, "--output", tmp_path / "run",
                  "--iters", 2, "--steps-per-eval", 1)
     assert result.exit_code == 0, result.output
     assert {json.loads(line)["split"] for line in open(tmp_path / "run" / "metrics.jsonl")} == {"train"}
