@@ -47,7 +47,7 @@ class TrainConfig:
     trust_remote_code: bool = field(default=False, metadata={"group": "Model", "help": "Allow the model directory's own Python code (custom tokenizer or model file) to run."})
     # optimisation
     iters: int = field(default=1000, metadata={"group": "Optimisation", "help": "Optimizer steps."})
-    batch_size: int = field(default=4, metadata={"group": "Optimisation", "help": "Preference pairs per micro-batch."})
+    batch_size: int = field(default=4, metadata={"group": "Optimisation", "help": "Preference pairs per micro-batch and rank; a step's global batch is batch_size x ranks x grad_accumulation_steps."})
     grad_accumulation_steps: int = field(default=1, metadata={"group": "Optimisation", "help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=1e-5, metadata={"group": "Optimisation", "help": "Peak AdamW learning rate."})
     lr_schedule: str = field(default="cosine", metadata={"group": "Optimisation", "help": "cosine (decay to min_learning_rate) or constant, after warmup."})
