@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -109,6 +111,10 @@ def test_a_step_does_not_depend_on_how_its_global_batch_is_split(tiny_model_dir,
     assert_same_numbers(one, metrics(tmp_path / "accumulated"), "2 micro-batches")
     assert "Global batch 2 x 2 ranks x 1 micro-batches = 4 pairs per step" in output
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    # eval_pairs.parquet: rank 0 wrote every rank's pairs (5 valid rows split 3 + 2), the 1-rank run's rows
+    one_pairs, two_pairs = (pq.read_table(tmp_path / name / "eval_pairs.parquet").to_pandas() for name in ("one", "two"))
+    assert one_pairs[["step", "index", "k"]].equals(two_pairs[["step", "index", "k"]]) and len(one_pairs) == 4 * 5
+    np.testing.assert_allclose(two_pairs["reward_margin"], one_pairs["reward_margin"], rtol=1e-4, atol=1e-5)
 
     resumed = run("train", *args, "--output", tmp_path / "two", "--batch-size", 2, "--resume")
     assert resumed.exit_code == 1 and "cannot resume with other options (ranks: run 2, now 1)" in resumed.output

@@ -64,7 +64,7 @@ def test_lora_run_step0_invariant_and_outputs(setup):
         assert METRICS <= set(r) and (TRAIN_ONLY <= set(r)) == (r["split"] == "train")
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "0000002_adapters.safetensors", "0000004_adapters.safetensors", "adapter_config.json",
-        "adapters.safetensors", "checkpoints", "config.yaml", "metrics.jsonl"]
+        "adapters.safetensors", "checkpoints", "config.yaml", "eval_pairs.parquet", "metrics.jsonl"]
     assert sorted(p.name for p in (run_dir / "checkpoints" / "0000004").iterdir()) == [
         "adapters.safetensors", "optimizer.safetensors", "state.json"]  # only the newest is kept
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["0000004"]

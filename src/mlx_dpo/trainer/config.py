@@ -62,6 +62,8 @@ class TrainConfig:
     steps_per_eval: int = field(default=100, metadata={"group": "Output", "help": "Evaluate on the cache's valid split every N steps (and at the end)."})
     val_batches: int | None = field(default=None, metadata={"group": "Output", "help": "Batches per evaluation: a fixed seeded sample of the valid split, the same at every evaluation; -1 for the whole split. Default: the whole split up to 1,000 pairs, else 25 batches."})
     steps_per_save: int = field(default=100, metadata={"group": "Output", "help": "Save adapters and a resumable checkpoint every N steps."})
+    eval_generate: int = field(default=0, metadata={"group": "Output", "help": "At step 0 and each evaluation, write the policy's greedy answers to the first N valid prompts to OUTPUT/samples.jsonl."})
+    eval_max_tokens: int = field(default=64, metadata={"group": "Output", "help": "Most tokens per --eval-generate answer."})
 
     def __post_init__(self):
         checks = [
@@ -74,6 +76,8 @@ class TrainConfig:
             (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
             (self.num_layers == -1 or self.num_layers > 0, "--num-layers must be positive or -1"),
             (self.val_batches in (None, -1) or self.val_batches > 0, "--val-batches must be positive or -1"),
+            (self.eval_generate >= 0, "--eval-generate must be >= 0"),
+            (self.eval_max_tokens >= 1, "--eval-max-tokens must be at least 1"),
         ]
         for name in ("iters", "batch_size", "grad_accumulation_steps", "lora_rank", "shuffle_buffer",
                      "steps_per_report", "steps_per_eval", "steps_per_save"):

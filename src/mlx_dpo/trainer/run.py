@@ -22,7 +22,9 @@ from .checkpoint import (
     start_run_dir,
 )
 from .config import BATCH_LOSSES, TrainConfig
+from .eval_outputs import EvalOutputs
 from .metrics import MetricsLog, format_report
+from .pair_log import PairCollector
 from .policy import prepare_policy
 from .stream import PairStream
 from .train import evaluate, make_loss_fn, train
@@ -171,8 +173,13 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
             records.append(metrics_log.write(step, split, metrics))
             log(format_report(records[-1]))
 
+    outputs = EvalOutputs(run_dir, eval_stream.shards if eval_stream else None, tokenizer, eval_generate=cfg.eval_generate,
+                          eval_max_tokens=cfg.eval_max_tokens, group=group, resume_step=checkpoint.step if checkpoint else None)
+
     def run_eval(step: int) -> None:
-        report(step, "eval", evaluate(model, loss_fn, eval_stream.epoch(0, keep=eval_keep), group))
+        pairs = PairCollector()
+        report(step, "eval", evaluate(model, loss_fn, eval_stream.epoch(0, keep=eval_keep), group, pairs.add))
+        outputs.write(step, model, pairs)
 
     def skip(step: int, info: dict) -> None:
         if main:

@@ -45,7 +45,7 @@ def make_loss_fn(loss_options: dict, ld_alpha: float | None = None):
     pair_types, pair_weights, token_weight = split_token_losses(options.pop("loss_type"), options.pop("loss_weights", None))
 
     def loss_fn(model, input_ids, completion_mask, ref_chosen_logps, ref_rejected_logps, weights, scale,
-                ref_chosen_tail_logps=None, ref_rejected_tail_logps=None):
+                ref_chosen_tail_logps=None, ref_rejected_tail_logps=None, pair_values=False):
         pairs, several = ref_chosen_logps.shape[0], ref_rejected_logps.ndim == 2
         if ld_alpha is None:
             plain, ntoks = sequence_logps(model, input_ids, completion_mask)  # ((1+K)B,)
@@ -78,6 +78,10 @@ def make_loss_fn(loss_options: dict, ld_alpha: float | None = None):
                                   mx.stack([nll_sum]) * scale[1]])
         loss = pair_sum * scale[0] + token_weight * nll_sum * scale[1]
         k = ntoks.shape[0] // pairs
+        if pair_values:  # evaluation only: the per-pair values behind the metrics, for eval_pairs.parquet
+            return loss, ((metrics, (mx.tile(weights, k) * ntoks).sum(), dict(
+                policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen_logps,
+                ref_rejected=ref_rejected_logps, reward_margin=versus - rejected_rewards)))
         return loss, (metrics, (mx.tile(weights, k) * ntoks).sum())
 
     loss_fn.token_weight = token_weight
@@ -97,12 +101,16 @@ def _arrays(batch: Batch, scale) -> tuple[mx.array, ...]:
     return (*(mx.array(a) for a in arrays), scale, *(mx.array(a) for a in tails))
 
 
-def evaluate(model, loss_fn, steps: Iterator[list[Batch]], group=None) -> dict:
-    """Metrics over every pair of `steps` (all ranks): sums, then divided by the global counts."""
+def evaluate(model, loss_fn, steps: Iterator[list[Batch]], group=None, on_pairs=None) -> dict:
+    """Metrics over every pair of `steps` (all ranks): sums, then divided by the global counts.
+    `on_pairs(indices, values, weights)` receives each batch's per-pair values (make_loss_fn: pair_values)."""
     totals, counts, ntoks = mx.zeros(len(METRIC_NAMES)), np.zeros(2), mx.array(0.0)
     for batches in steps:
         for batch in batches:
-            _, (metrics, toks) = loss_fn(model, *_arrays(batch, mx.array([1.0, 1.0])))
+            _, (metrics, toks, *values) = loss_fn(model, *_arrays(batch, mx.array([1.0, 1.0])),
+                                                  pair_values=on_pairs is not None)
+            if on_pairs is not None:
+                on_pairs(batch.indices, values[0], batch.weights)
             totals, ntoks = totals + metrics, ntoks + toks
             counts += batch.counts()
             mx.eval(totals, ntoks)

@@ -1,0 +1,183 @@
+"""RUN/eval_pairs.parquet and RUN/samples.jsonl, end to end on the tiny model: their values agree with the
+logged eval metrics, mlx-lm's own generation, a resumed run and several rejected answers."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+import tiny_models
+from mlx_dpo.cli import cli
+
+ARGS = ["--iters", 4, "--batch-size", 3, "--learning-rate", 1e-2, "--steps-per-report", 1, "--steps-per-eval", 2,
+        "--steps-per-save", 2, "--eval-generate", 2, "--eval-max-tokens", 6]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def root(tiny_model_dir, tmp_path_factory):
+    """One cache with one rejected answer per prompt, one with two; 5 valid pairs (batches of 3: 3 + 2)."""
+    root = tmp_path_factory.mktemp("eval-pairs")
+    rows = tiny_models.standard_rows()
+    tiny_models.write_jsonl(root / "data" / "train.jsonl", rows)
+    tiny_models.write_jsonl(root / "data" / "valid.jsonl", rows[3:8])
+    several = [{**r, "rejected": [r["rejected"], r["chosen"] + " Maybe not."]} for r in rows]
+    tiny_models.write_jsonl(root / "several" / "train.jsonl", several)
+    tiny_models.write_jsonl(root / "several" / "valid.jsonl", several[3:8])
+    for name in ("data", "several"):
+        result = run("precompute", "--model", tiny_model_dir, "--data", root / name, "--out", root / f"cache-{name}")
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def train(root, model, out, *extra, cache="cache-data"):
+    result = run("train", "--cache", root / cache, "--model", model, "--output", root / out, *ARGS, *extra)
+    assert result.exit_code == 0, result.output
+    return root / out
+
+
+def evals(run_dir) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r["split"] == "eval"}
+
+
+def assert_pairs_match_metrics(run_dir, rows_per_step):
+    table = pq.read_table(run_dir / "eval_pairs.parquet").to_pandas()
+    logged = evals(run_dir)
+    assert sorted(table["step"].unique()) == sorted(logged) == [0, 2, 4]
+    for step, record in logged.items():
+        rows = table[table["step"] == step]
+        assert len(rows) == rows_per_step
+        assert rows["reward_margin"].mean() == pytest.approx(record["rewards/margins"], rel=1e-5, abs=1e-6)
+        assert (rows["reward_margin"] > 0).mean() == pytest.approx(record["rewards/accuracies"], abs=1e-6)
+        beta = 0.1  # reward margin = β·(policy margin - reference margin), per row
+        np.testing.assert_allclose(rows["reward_margin"], beta * (rows["policy_margin"] - rows["ref_margin"]),
+                                   rtol=1e-4, atol=1e-6)
+    return table
+
+
+def test_eval_pairs_equal_the_logged_metrics_and_samples_equal_mlx_lm(root, tiny_model_dir):
+    run_dir = train(root, tiny_model_dir, "run")
+    table = assert_pairs_match_metrics(run_dir, rows_per_step=5)
+    cache_rows = pq.read_table(root / "cache-data" / "valid" / "part-00000.parquet").to_pandas().set_index("index")
+    first = table[table["step"] == 0].set_index("index")
+    assert sorted(first.index) == sorted(cache_rows.index) and (first["k"] == 0).all()
+    ref = cache_rows["ref_chosen_logps"] - cache_rows["ref_rejected_logps"]
+    np.testing.assert_allclose(first["ref_margin"], ref[first.index], rtol=1e-6)
+    # Step 0: the policy is the reference, so its margins are the cache's, to float32 rounding.
+    np.testing.assert_allclose(first["policy_margin"], first["ref_margin"], atol=1e-3)
+    last = table[table["step"] == 4]
+    assert np.abs(last["policy_margin"] - last["ref_margin"]).max() > 1e-3  # training moved them
+
+    # samples.jsonl: the 2 lowest valid indices at steps 0, 2 and 4, equal to mlx-lm's own greedy generation
+    # of the base model (step 0) and of the model with the saved adapters (step 4).
+    from mlx_lm import load, stream_generate
+
+    samples = [json.loads(line) for line in open(run_dir / "samples.jsonl")]
+    assert [(s["step"], s["index"]) for s in samples] == [(0, 0), (0, 1), (2, 0), (2, 1), (4, 0), (4, 1)]
+    for step, adapters in ((0, None), (4, str(run_dir))):
+        model, tokenizer = load(str(tiny_model_dir), adapter_path=adapters)
+        for sample in (s for s in samples if s["step"] == step):
+            prompt_ids = cache_rows.loc[sample["index"], "prompt_ids"].tolist()
+            assert sample["prompt"] == tokenizer.decode(prompt_ids)
+            responses = list(stream_generate(model, tokenizer, prompt_ids, max_tokens=6))
+            tokens = [r.token for r in responses if r.token not in tokenizer.eos_token_ids]
+            assert sample["completion"] == tokenizer.decode(tokens)
+            assert sample["finish_reason"] == responses[-1].finish_reason
+    assert samples[-1]["completion"] != samples[1]["completion"] or samples[-2]["completion"] != samples[0]["completion"]
+
+    again = train(root, tiny_model_dir, "run-again")  # greedy: the same run writes the same answers
+    assert (again / "samples.jsonl").read_text() == (run_dir / "samples.jsonl").read_text()
+
+
+def test_a_resumed_run_writes_each_evaluation_once(root, tiny_model_dir):
+    """Stopped at step 3 (checkpoint at 2), resumed: evaluations 0, 2, 4 each once, equal to the
+    uninterrupted run's; an evaluation written past the checkpoint before a crash is dropped and redone."""
+    whole = root / "run"
+    if not whole.exists():
+        train(root, tiny_model_dir, "run")
+    stopped = train(root, tiny_model_dir, "stopped", "--stop-after", 3)
+    assert sorted(pq.read_table(stopped / "eval_pairs.parquet")["step"].unique().to_pylist()) == [0, 2]
+    # As if the run had died after evaluating at step 4 but before its checkpoint: a stale evaluation.
+    stale = pq.read_table(whole / "eval_pairs.parquet").to_pandas()
+    pq.write_table(pq.read_table(whole / "eval_pairs.parquet"), stopped / "eval_pairs.parquet")
+    (stopped / "samples.jsonl").write_text((whole / "samples.jsonl").read_text() + '{"step": 4, "index": 9}\n')
+    train(root, tiny_model_dir, "stopped", "--resume")
+    resumed = pq.read_table(stopped / "eval_pairs.parquet").to_pandas()
+    assert resumed["step"].tolist() == [0] * 5 + [2] * 5 + [4] * 5
+    assert resumed.equals(stale)
+    assert (stopped / "samples.jsonl").read_text() == (whole / "samples.jsonl").read_text()
+
+
+def test_overwrite_starts_the_files_again(root, tiny_model_dir):
+    run_dir = train(root, tiny_model_dir, "over")
+    train(root, tiny_model_dir, "over", "--overwrite", "--eval-generate", 0, "--iters", 2)
+    assert pq.read_table(run_dir / "eval_pairs.parquet")["step"].unique().to_pylist() == [0, 2]
+    assert not (run_dir / "samples.jsonl").exists()
+
+
+def test_several_rejected_answers_give_one_row_per_comparison(root, tiny_model_dir):
+    run_dir = train(root, tiny_model_dir, "several", cache="cache-several")
+    table = assert_pairs_match_metrics(run_dir, rows_per_step=10)  # 5 pairs x 2 rejected answers
+    cache_rows = pq.read_table(root / "cache-several" / "valid" / "part-00000.parquet").to_pylist()
+    first = table[table["step"] == 0]
+    for row in cache_rows:
+        for k in range(2):
+            cell = first[(first["index"] == row["index"]) & (first["k"] == k)]
+            assert cell["ref_margin"].item() == pytest.approx(row["ref_chosen_logps"] - row["ref_rejected_logps"][k])
+
+
+def test_eval_generate_needs_a_valid_split(root, tiny_model_dir, tmp_path):
+    tiny_models.write_jsonl(tmp_path / "train.jsonl", tiny_models.standard_rows())
+    assert run("precompute", "--model", tiny_model_dir, "--data", tmp_path / "train.jsonl", "--out",
+               tmp_path / "cache").exit_code == 0
+    result = CliRunner().invoke(cli, ["train", "--cache", str(tmp_path / "cache"), "--model", str(tiny_model_dir),
+                                      "--output", str(tmp_path / "run"), "--eval-generate", "2"])
+    assert result.exit_code == 1
+    assert "--eval-generate needs a cache with a valid split" in result.output
+
+
+GATHER_SCRIPT = """
+import json, sys
+import numpy as np
+import mlx_dpo
+import mlx.core as mx
+from mlx_dpo.trainer.pair_log import PairCollector
+
+group = mx.distributed.init()
+rank = group.rank()
+collector = PairCollector()
+for first in ([10, 4, 7] if rank == 0 else [5]) if sys.argv[2] == "uneven" else ([] if rank == 0 else [3, 1]):
+    values = {"policy_chosen": np.array([first * 1.0]), "ref_chosen": np.array([0.0]),
+              "policy_rejected": np.array([[0.5, 1.5]]), "ref_rejected": np.array([[0.0, 0.0]]),
+              "reward_margin": np.array([[first + 0.25, first - 0.25]])}
+    collector.add(np.array([first]), values)
+columns = collector.columns(group)
+if rank == 0:
+    json.dump({k: v.tolist() for k, v in columns.items()}, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.parametrize("layout", ["uneven", "one rank empty"])
+def test_ranks_with_different_pair_counts_gather_every_pair(tmp_path, layout):
+    """Under mlx.launch, ranks hold different numbers of eval pairs (a global batch does not split evenly);
+    rank 0 gets all of them, sorted by (index, k)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script, out = tmp_path / "gather.py", tmp_path / "out.json"
+    script.write_text(GATHER_SCRIPT)
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    result = subprocess.run([str(launcher), "--backend", "ring", "-n", "2", sys.executable, str(script), str(out),
+                             layout.split()[0]], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    columns = json.loads(out.read_text())
+    indices = [4, 5, 7, 10] if layout == "uneven" else [1, 3]
+    assert columns["index"] == [i for i in indices for _ in range(2)] and columns["k"] == [0, 1] * len(indices)
+    assert columns["reward_margin"] == [v for i in indices for v in (i + 0.25, i - 0.25)]
+    assert columns["policy_margin"] == [v for i in indices for v in (i - 0.5, i - 1.5)]
