@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .diagnostics import diagnostics_lines
 from .schemas import Manifest, read_manifest
 from .schemas.manifest import MANIFEST_NAME, inside
 from .tables import format_table, human_bytes
@@ -240,4 +241,4 @@ def inspect_cache(cache: Path, m: Manifest) -> str:
     """The `cache inspect` report for the cache in `cache` with manifest `m`, as text."""
     sections = [_identity_lines(m, cache), _schema_lines(cache, m), _rows_lines(m)]
     lines = [line for section in sections for line in section + [""]]
-    return "\n".join(lines + _distribution_lines(cache, m) + _rejects_lines(cache, m))
+    return "\n".join(lines + _distribution_lines(cache, m) + diagnostics_lines(cache, m) + _rejects_lines(cache, m))
