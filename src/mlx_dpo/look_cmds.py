@@ -36,9 +36,15 @@ def cache_inspect(cache_dir):
 @click.command()
 @click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path())
 @click.option("--out", type=click.Path(dir_okay=False), help="Also plot the runs into this PNG (needs matplotlib).")
-def report(run_dirs, out):
+@click.option("--pairs", is_flag=True, help="What training did to each held-out pair (eval_pairs.parquet): pairs "
+              "preferred right before -> now, flips, most improved and worsened; --out plots margins before vs now.")
+@click.option("--samples", is_flag=True, help="The policy's answers at the first and last evaluation (samples.jsonl, "
+              "from train --eval-generate) beside the chosen and rejected answers.")
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Most improved and most worsened pairs shown with --pairs.")
+def report(run_dirs, out, pairs, samples, top):
     """Compare runs: a table of the options that differ and the final metrics, and with --out a PNG of
     loss, rewards/accuracies, rewards/margins and chosen/rejected rewards against step (train and eval)."""
     from .report import report as run
 
-    run(list(run_dirs), out, log=click.echo)
+    run(list(run_dirs), out, log=click.echo, pairs=pairs, samples=samples, top=top)

@@ -125,10 +125,22 @@ def plot_runs(runs: list[Run], out: str):
     return figure
 
 
-def report(run_dirs: list[str], out: str | None = None, log=print) -> list[Run]:
+def report(run_dirs: list[str], out: str | None = None, log=print, *, pairs: bool = False,
+           samples: bool = False, top: int = 3) -> list[Run]:
+    """The comparison table and plot; with `pairs` or `samples`, those views instead (report_pairs.py),
+    and `out` then plots the pairs."""
     runs = [load_run(d) for d in run_dirs]
-    log(summary_table(runs))
+    if not (pairs or samples):
+        log(summary_table(runs))
+    from . import report_pairs
+
+    labels = run_labels(runs)
+    for run, label in zip(runs, labels):
+        if pairs:
+            log(report_pairs.pairs_summary(run, label, top))
+        if samples:
+            log(report_pairs.samples_summary(run, label))
     if out is not None:
-        plot_runs(runs, out)
+        report_pairs.plot_pairs(runs, labels, out) if pairs else plot_runs(runs, out)
         log(f"Wrote {out}")
     return runs

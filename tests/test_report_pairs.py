@@ -1,0 +1,135 @@
+"""`mlx-dpo report RUN --pairs / --samples` on hand-written run directories with a hand-built cache whose
+token ids are the tiny tokenizer's encoding of known texts."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mlx_dpo.cli import cli
+from mlx_dpo.report import load_run
+from mlx_dpo.report_pairs import plot_pairs, shorten
+from mlx_dpo.schemas import Manifest, ShardInfo, SplitInfo, write_json_atomic
+
+TOKENS = pa.list_(pa.int32())
+# Last evaluation (step 20): index -> (reference margin, policy margin).
+#   before right (ref > 0): 1, 2, 5 = 3 of 6; now right (policy > 0): 0, 1, 4, 5 = 4 of 6
+#   flipped to chosen: 0, 4; to rejected: 2; unchanged: 1, 5 right, 3 wrong
+#   change: +3, +0.2, -2, +0.1, +5, -0.1 -> most improved 4, 0; most worsened 2, 5
+MARGINS = {0: (-1.0, 2.0), 1: (0.5, 0.7), 2: (1.0, -1.0), 3: (-0.5, -0.4), 4: (-2.0, 3.0), 5: (0.2, 0.1)}
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    cache = tmp_path / "cache"
+    (cache / "valid").mkdir(parents=True)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    rows = [{"index": i, "prompt_ids": encode(f"Question number {i}?"), "chosen_ids": encode(f"Good answer {i}."),
+             "rejected_ids": encode(f"Bad answer {i}.")} for i in MARGINS]
+    part = cache / "valid" / "part-00000.parquet"
+    pq.write_table(pa.table({k: [r[k] for r in rows] for k in rows[0]}, schema=pa.schema(
+        [("index", pa.int64()), ("prompt_ids", TOKENS), ("chosen_ids", TOKENS), ("rejected_ids", TOKENS)])), part)
+    split = SplitInfo(rows_in=6, rows_cached=6, rows_rejected=0, rejected_by_reason={}, completion_tokens=0,
+                      shards=[ShardInfo("valid/part-00000.parquet", 6, part.stat().st_size, "-")])
+    manifest = Manifest(schema_version=1, identity="ab" * 32, identity_fields={}, reference_model="m", max_length=64,
+                        truncation_mode="keep_start", splits={"valid": split}, rejects_file="rejects.jsonl")
+    write_json_atomic(cache / "manifest.json", manifest.to_json())
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"cache": str(cache), "model": str(tiny_model_dir), "beta": 0.1}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "split": "eval", "loss": 0.69}) + "\n")
+    index = list(MARGINS)
+    ref = np.array([MARGINS[i][0] for i in index], np.float32)
+    now = np.array([MARGINS[i][1] for i in index], np.float32)
+    table = {"step": [0] * 6 + [20] * 6, "index": index * 2, "k": [0] * 12, "ref_margin": np.r_[ref, ref],
+             "policy_margin": np.r_[ref, now], "reward_margin": np.r_[ref * 0, 0.1 * (now - ref)]}
+    pq.write_table(pa.table(table), run / "eval_pairs.parquet")
+    samples = [{"step": step, "index": i, "prompt": f"Question number {i}?", "completion": f"answer at step {step}",
+                "finish_reason": "stop"} for step in (0, 10, 20) for i in (1, 3)]
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return run
+
+
+def test_pairs_counts_flips_and_extremes(run_dir):
+    result = invoke("report", run_dir, "--pairs", "--top", 2)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "run: 6 held-out pairs, evaluated at steps [0, 20]"
+    assert lines[1] == "  prefers chosen (margin > 0): before (reference) 3 of 6 (50.0%)  ->  step 20: 4 (66.7%)"
+    assert lines[2] == "  flipped to chosen 2, flipped to rejected 1; unchanged: 2 right, 1 wrong"
+    improved, worsened = lines.index("  most improved (policy margin - reference margin, nats):"), \
+        lines.index("  most worsened (policy margin - reference margin, nats):")
+    assert lines[improved + 1].split() == ["+5.000", "index", "4:", "margin", "-2.000", "->", "+3.000"]
+    assert lines[improved + 2].split() == ["prompt", "Question", "number", "4?"]
+    assert lines[improved + 3].split() == ["chosen", "Good", "answer", "4."]
+    assert lines[improved + 4].split() == ["rejected", "Bad", "answer", "4."]
+    assert lines[improved + 5].split()[:3] == ["+3.000", "index", "0:"]
+    assert lines[worsened + 1].split()[:3] == ["-2.000", "index", "2:"]
+    assert lines[worsened + 5].split()[:3] == ["-0.100", "index", "5:"]
+    assert "answers not shown" not in result.output
+
+
+def test_pairs_without_the_cache_still_count(run_dir, tmp_path):
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "cache": str(tmp_path / "gone")}))
+    result = invoke("report", run_dir, "--pairs")
+    assert result.exit_code == 0, result.output
+    assert "flipped to chosen 2, flipped to rejected 1" in result.output
+    assert f"(answers not shown: cache {tmp_path / 'gone'} unreadable" in result.output
+
+
+def test_pairs_plot_has_the_scatter_and_the_histogram(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "pairs.png"
+    result = invoke("report", run_dir, "--pairs", "--out", out)
+    assert result.exit_code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = plot_pairs([load_run(run_dir)], ["run"], str(tmp_path / "again.png"))
+    scatter, hist = figure.axes
+    np.testing.assert_allclose(scatter.collections[0].get_offsets(), [MARGINS[i] for i in MARGINS])
+    colours = scatter.collections[0].get_facecolors()[:, :3].round(3).tolist()
+    green, red = [0.173, 0.627, 0.173], [0.839, 0.153, 0.157]  # tab:green, tab:red
+    assert [c == green for c in colours] == [True, False, False, False, True, False]  # flipped to chosen: 0, 4
+    assert [c == red for c in colours] == [False, False, True, False, False, False]  # flipped to rejected: 2
+    assert sum(p.get_height() for p in hist.patches) == 6
+    assert hist.get_title() == "run: 67% of pairs moved towards chosen"
+
+
+def test_samples_show_first_and_last_beside_chosen_and_rejected(run_dir):
+    result = invoke("report", run_dir, "--samples")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "run: greedy answers to 2 held-out prompts, step 0 -> step 20"
+    block = result.output.split("index 3")[1].splitlines()
+    assert block[0].split() == ["prompt:", "Question", "number", "3?"]
+    assert [part.strip() for part in block[1].split("|")] == ["step 0", "step 20"]
+    assert [part.strip() for part in block[2].split("|")] == ["answer at step 0", "answer at step 20"]
+    assert [part.strip() for part in block[3].split("|")] == ["chosen", "rejected"]
+    assert [part.strip() for part in block[4].split("|")] == ["Good answer 3.", "Bad answer 3."]
+    assert "step 10" not in result.output
+
+
+def test_missing_files_are_one_line_errors(run_dir):
+    (run_dir / "samples.jsonl").unlink()
+    result = invoke("report", run_dir, "--samples")
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: {run_dir}: no samples.jsonl (train with --eval-generate N to write the " \
+                                    "policy's answers)"
+    (run_dir / "eval_pairs.parquet").unlink()
+    result = invoke("report", run_dir, "--pairs")
+    assert result.exit_code == 1 and f"Error: {run_dir}: no eval_pairs.parquet" in result.output
+
+
+def test_shorten():
+    assert shorten("a\n b   c", 20) == "a ⏎ b c"
+    assert shorten("abcdefghij", 5) == "abcd…"
