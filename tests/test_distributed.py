@@ -16,7 +16,7 @@ from mlx_dpo.cli import cli
 
 BIN = Path(sys.executable).parent
 TRAIN_ARGS = ["--iters", "4", "--learning-rate", "1e-3", "--steps-per-report", "1", "--steps-per-eval", "2",
-              "--lr-schedule", "constant"]
+              "--lr-schedule", "constant", "--eval-generate", "1", "--eval-max-tokens", "4"]
 
 
 def run(*args):
@@ -115,6 +115,8 @@ def test_a_step_does_not_depend_on_how_its_global_batch_is_split(tiny_model_dir,
     one_pairs, two_pairs = (pq.read_table(tmp_path / name / "eval_pairs.parquet").to_pandas() for name in ("one", "two"))
     assert one_pairs[["step", "index", "k"]].equals(two_pairs[["step", "index", "k"]]) and len(one_pairs) == 4 * 5
     np.testing.assert_allclose(two_pairs["reward_margin"], one_pairs["reward_margin"], rtol=1e-4, atol=1e-5)
+    samples = [json.loads(line) for line in open(tmp_path / "two" / "samples.jsonl")]
+    assert [(s["step"], s["index"]) for s in samples] == [(0, 0), (2, 0), (4, 0), (5, 0)]  # rank 0 alone generated
 
     resumed = run("train", *args, "--output", tmp_path / "two", "--batch-size", 2, "--resume")
     assert resumed.exit_code == 1 and "cannot resume with other options (ranks: run 2, now 1)" in resumed.output

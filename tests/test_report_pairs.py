@@ -69,6 +69,7 @@ def test_pairs_counts_flips_and_extremes(run_dir):
     assert lines[0] == "run: 6 held-out pairs, evaluated at steps [0, 20]"
     assert lines[1] == "  prefers chosen (margin > 0): before (reference) 3 of 6 (50.0%)  ->  step 20: 4 (66.7%)"
     assert lines[2] == "  flipped to chosen 2, flipped to rejected 1; unchanged: 2 right, 1 wrong"
+    assert lines[3] == "  moved towards chosen (reward margin > 0, as rewards/accuracies counts): 4 (66.7%)"
     improved, worsened = lines.index("  most improved (policy margin - reference margin, nats):"), \
         lines.index("  most worsened (policy margin - reference margin, nats):")
     assert lines[improved + 1].split() == ["+5.000", "index", "4:", "margin", "-2.000", "->", "+3.000"]
@@ -79,6 +80,25 @@ def test_pairs_counts_flips_and_extremes(run_dir):
     assert lines[worsened + 1].split()[:3] == ["-2.000", "index", "2:"]
     assert lines[worsened + 5].split()[:3] == ["-0.100", "index", "5:"]
     assert "answers not shown" not in result.output
+
+
+def test_when_no_pair_worsened_the_least_improved_are_shown(run_dir):
+    table = pq.read_table(run_dir / "eval_pairs.parquet").to_pydict()
+    table["policy_margin"] = [m + 10 for m in table["policy_margin"]]
+    pq.write_table(pa.table(table), run_dir / "eval_pairs.parquet")
+    result = invoke("report", run_dir, "--pairs")
+    assert "most worsened" not in result.output
+    assert "  least improved (none worsened) (policy margin - reference margin, nats):" in result.output
+
+
+def test_long_answers_are_cut_to_four_lines(run_dir):
+    samples = [json.loads(line) for line in open(run_dir / "samples.jsonl")]
+    samples[0]["completion"] = "word " * 200
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    block = invoke("report", run_dir, "--samples").output.split("index 1")[1].split("index 3")[0].splitlines()
+    left = [line.split("|")[0].strip() for line in block[1:]]
+    assert left[0] == "step 0" and left[5] == "chosen"  # 4 lines of answer between the titles
+    assert all(line.startswith("word word") for line in left[1:5]) and left[4].endswith("…")
 
 
 def test_pairs_without_the_cache_still_count(run_dir, tmp_path):

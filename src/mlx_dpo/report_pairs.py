@@ -84,7 +84,7 @@ def pairs_summary(run: Run, label: str, top: int = 3, width: int = 100) -> str:
     last = last_evaluation(table)
     several = int(last["k"].max()) > 0
     n, step = len(last["index"]), int(last["step"][0])
-    before, now = last["ref_margin"] > 0, last["policy_margin"] > 0
+    before, now, moved = last["ref_margin"] > 0, last["policy_margin"] > 0, last["reward_margin"] > 0
     unit = "comparisons (pair, rejected answer)" if several else "held-out pairs"
     lines = [
         f"{label}: {n:,} {unit}, evaluated at steps {sorted(set(table['step'].to_pylist()))}",
@@ -92,10 +92,13 @@ def pairs_summary(run: Run, label: str, top: int = 3, width: int = 100) -> str:
         f"  ->  step {step}: {now.sum():,} ({now.mean():.1%})",
         f"  flipped to chosen {np.sum(~before & now):,}, flipped to rejected {np.sum(before & ~now):,}; "
         f"unchanged: {np.sum(before & now):,} right, {np.sum(~before & ~now):,} wrong",
+        f"  moved towards chosen (reward margin > 0, as rewards/accuracies counts): {np.sum(moved):,} "
+        f"({moved.mean():.1%})",
     ]
     order = np.argsort(last["change"], kind="stable")
     texts = Texts(run, last["index"][np.r_[order[:top], order[-top:]]])
-    for title, picks in (("most improved", order[::-1][:top]), ("most worsened", order[:top])):
+    worst = "most worsened" if last["change"][order[0]] < 0 else "least improved (none worsened)"
+    for title, picks in (("most improved", order[::-1][:top]), (worst, order[:top])):
         lines.append(f"  {title} (policy margin - reference margin, nats):")
         for i in picks:
             k = int(last["k"][i])
@@ -150,10 +153,15 @@ def read_samples(run: Run) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _side_by_side(left_title, left, right_title, right, width) -> list[str]:
+def _side_by_side(left_title, left, right_title, right, width, max_lines: int = 4) -> list[str]:
     column = (width - 3) // 2
-    left_lines = textwrap.wrap(left or "(empty)", column) or [""]
-    right_lines = textwrap.wrap(right or "(empty)", column) or [""]
+
+    def wrap(text):
+        lines = textwrap.wrap(shorten(text or "(empty)", column * max_lines), column, max_lines=max_lines,
+                              placeholder=" …")
+        return lines or [""]
+
+    left_lines, right_lines = wrap(left), wrap(right)
     rows = [(left_title, right_title)] + list(zip(left_lines + [""] * (len(right_lines) - len(left_lines)),
                                                   right_lines + [""] * (len(left_lines) - len(right_lines))))
     return [f"    {a:<{column}} | {b}".rstrip() for a, b in rows]

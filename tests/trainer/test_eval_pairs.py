@@ -90,6 +90,12 @@ def test_eval_pairs_equal_the_logged_metrics_and_samples_equal_mlx_lm(root, tiny
             assert sample["finish_reason"] == responses[-1].finish_reason
     assert samples[-1]["completion"] != samples[1]["completion"] or samples[-2]["completion"] != samples[0]["completion"]
 
+    report = run("report", run_dir, "--pairs", "--samples")  # the report reads this real run
+    assert report.exit_code == 0 and "5 held-out pairs, evaluated at steps [0, 2, 4]" in report.output
+    moved = int((last["reward_margin"] > 0).sum())
+    assert f"moved towards chosen (reward margin > 0, as rewards/accuracies counts): {moved} (" in report.output
+    assert "greedy answers to 2 held-out prompts, step 0 -> step 4" in report.output
+
     again = train(root, tiny_model_dir, "run-again")  # greedy: the same run writes the same answers
     assert (again / "samples.jsonl").read_text() == (run_dir / "samples.jsonl").read_text()
 
