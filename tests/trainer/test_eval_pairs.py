@@ -4,6 +4,8 @@ logged eval metrics, mlx-lm's own generation, a resumed run and several rejected
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -101,21 +103,23 @@ def test_eval_pairs_equal_the_logged_metrics_and_samples_equal_mlx_lm(root, tiny
 
 
 def test_a_resumed_run_writes_each_evaluation_once(root, tiny_model_dir):
-    """Stopped at step 3 (checkpoint at 2), resumed: evaluations 0, 2, 4 each once, equal to the
-    uninterrupted run's; an evaluation written past the checkpoint before a crash is dropped and redone."""
+    """Stopped at step 2 (checkpoint at 2), resumed: evaluations 0, 2, 4 each once, equal to the
+    uninterrupted run's; evaluations written past the checkpoint before a crash are dropped."""
     whole = root / "run"
     if not whole.exists():
         train(root, tiny_model_dir, "run")
-    stopped = train(root, tiny_model_dir, "stopped", "--stop-after", 3)
+    stopped = train(root, tiny_model_dir, "stopped", "--stop-after", 2)
     assert sorted(pq.read_table(stopped / "eval_pairs.parquet")["step"].unique().to_pylist()) == [0, 2]
-    # As if the run had died after evaluating at step 4 but before its checkpoint: a stale evaluation.
-    stale = pq.read_table(whole / "eval_pairs.parquet").to_pandas()
-    pq.write_table(pq.read_table(whole / "eval_pairs.parquet"), stopped / "eval_pairs.parquet")
-    (stopped / "samples.jsonl").write_text((whole / "samples.jsonl").read_text() + '{"step": 4, "index": 9}\n')
+    # As if the run had died after evaluating at steps 3 and 4 but before a checkpoint: stale evaluations
+    # (step 3: as if it had run with another --steps-per-eval, which a resumed run may change).
+    table = pq.read_table(whole / "eval_pairs.parquet")
+    step3 = table.filter(pc.equal(table["step"], 4)).set_column(0, "step", pa.array([3] * 5, pa.int64()))
+    pq.write_table(pa.concat_tables([table, step3]), stopped / "eval_pairs.parquet")
+    (stopped / "samples.jsonl").write_text((whole / "samples.jsonl").read_text() + '{"step": 3, "index": 9}\n')
     train(root, tiny_model_dir, "stopped", "--resume")
     resumed = pq.read_table(stopped / "eval_pairs.parquet").to_pandas()
     assert resumed["step"].tolist() == [0] * 5 + [2] * 5 + [4] * 5
-    assert resumed.equals(stale)
+    assert resumed.equals(table.to_pandas())  # the values of the uninterrupted run
     assert (stopped / "samples.jsonl").read_text() == (whole / "samples.jsonl").read_text()
 
 
