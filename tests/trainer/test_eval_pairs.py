@@ -141,6 +141,29 @@ def test_several_rejected_answers_give_one_row_per_comparison(root, tiny_model_d
             assert cell["ref_margin"].item() == pytest.approx(row["ref_chosen_logps"] - row["ref_rejected_logps"][k])
 
 
+@pytest.mark.parametrize("option", [["--ld-alpha", "0.5"], ["--reference-free"]])
+def test_ld_alpha_and_reference_free_rows_are_the_losss_values(root, tiny_model_dir, option):
+    """--ld-alpha: margins of the length-weighted log-probs (so ref_margin is not the cache's plain one);
+    --reference-free: reward_margin = β·policy_margin. Means still equal the logged metrics."""
+    run_dir = train(root, tiny_model_dir, "run" + option[0], *option, "--iters", 2, "--eval-generate", 0)
+    table = pq.read_table(run_dir / "eval_pairs.parquet").to_pandas()
+    for step, record in evals(run_dir).items():
+        rows = table[table["step"] == step]
+        assert rows["reward_margin"].mean() == pytest.approx(record["rewards/margins"], rel=1e-5, abs=1e-6)
+        assert (rows["reward_margin"] > 0).mean() == pytest.approx(record["rewards/accuracies"], abs=1e-6)
+        reference = 0 if option == ["--reference-free"] else rows["ref_margin"]
+        np.testing.assert_allclose(rows["reward_margin"], 0.1 * (rows["policy_margin"] - reference), rtol=1e-4,
+                                   atol=1e-6)
+    cache = pq.read_table(root / "cache-data" / "valid" / "part-00000.parquet").to_pandas().set_index("index")
+    plain = (cache["ref_chosen_logps"] - cache["ref_rejected_logps"])[table["index"]].to_numpy()
+    if option == ["--ld-alpha", "0.5"]:  # the tails (tokens past the shorter answer) count half
+        tails = (cache["ref_chosen_tail_logps"] - cache["ref_rejected_tail_logps"])[table["index"]].to_numpy()
+        np.testing.assert_allclose(table["ref_margin"], plain - 0.5 * tails, rtol=1e-5, atol=1e-5)
+        assert np.abs(tails).max() > 0.1
+    else:
+        np.testing.assert_allclose(table["ref_margin"], plain, rtol=1e-6)
+
+
 def test_eval_generate_needs_a_valid_split(root, tiny_model_dir, tmp_path):
     tiny_models.write_jsonl(tmp_path / "train.jsonl", tiny_models.standard_rows())
     assert run("precompute", "--model", tiny_model_dir, "--data", tmp_path / "train.jsonl", "--out",
