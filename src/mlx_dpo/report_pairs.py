@@ -183,7 +183,8 @@ def samples_summary(run: Run, label: str, width: int = 110) -> str:
                                width)
         chosen, rejected = texts.decode(index, "chosen_ids"), texts.decode(index, "rejected_ids")
         if chosen is not None:
-            lines += _side_by_side("chosen", chosen, "rejected", rejected, width)
+            several = isinstance(texts.rows[index]["rejected_ids"][0], list)
+            lines += _side_by_side("chosen", chosen, "rejected (the first)" if several else "rejected", rejected, width)
     if texts.problem:
         lines.append(f"  (chosen and rejected not shown: {texts.problem})")
     return "\n".join(lines)

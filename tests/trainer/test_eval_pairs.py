@@ -13,8 +13,9 @@ from click.testing import CliRunner
 import tiny_models
 from mlx_dpo.cli import cli
 
+# LoRA dropout draws from the RNG every step: generating must not disturb the run (nor resuming it).
 ARGS = ["--iters", 4, "--batch-size", 3, "--learning-rate", 1e-2, "--steps-per-report", 1, "--steps-per-eval", 2,
-        "--steps-per-save", 2, "--eval-generate", 2, "--eval-max-tokens", 6]
+        "--steps-per-save", 2, "--eval-generate", 2, "--eval-max-tokens", 6, "--lora-dropout", 0.1]
 
 
 def run(*args):
@@ -100,6 +101,10 @@ def test_eval_pairs_equal_the_logged_metrics_and_samples_equal_mlx_lm(root, tiny
 
     again = train(root, tiny_model_dir, "run-again")  # greedy: the same run writes the same answers
     assert (again / "samples.jsonl").read_text() == (run_dir / "samples.jsonl").read_text()
+    quiet = train(root, tiny_model_dir, "run-quiet", "--eval-generate", 0)  # generating changes no number
+    timing = ("tokens_per_sec", "peak_memory_gb")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in map(json.loads, open(quiet / "metrics.jsonl"))] \
+        == [{k: v for k, v in r.items() if k not in timing} for r in map(json.loads, open(run_dir / "metrics.jsonl"))]
 
 
 def test_a_resumed_run_writes_each_evaluation_once(root, tiny_model_dir):
