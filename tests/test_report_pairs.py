@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mlx_dpo.cli import cli
 from mlx_dpo.report import load_run
 from mlx_dpo.report_pairs import plot_pairs, shorten
-from mlx_dpo.schemas import Manifest, ShardInfo, SplitInfo, write_json_atomic
+from mlx_dpo.schemas import SCHEMA_VERSION, Manifest, ShardInfo, SplitInfo, write_json_atomic
 
 TOKENS = pa.list_(pa.int32())
 # Last evaluation (step 20): index -> (reference margin, policy margin).
@@ -42,7 +42,7 @@ def run_dir(tmp_path, tiny_model_dir):
         [("index", pa.int64()), ("prompt_ids", TOKENS), ("chosen_ids", TOKENS), ("rejected_ids", TOKENS)])), part)
     split = SplitInfo(rows_in=6, rows_cached=6, rows_rejected=0, rejected_by_reason={}, completion_tokens=0,
                       shards=[ShardInfo("valid/part-00000.parquet", 6, part.stat().st_size, "-")])
-    manifest = Manifest(schema_version=1, identity="ab" * 32, identity_fields={}, reference_model="m", max_length=64,
+    manifest = Manifest(schema_version=SCHEMA_VERSION, identity="ab" * 32, identity_fields={}, reference_model="m", max_length=64,
                         truncation_mode="keep_start", splits={"valid": split}, rejects_file="rejects.jsonl")
     write_json_atomic(cache / "manifest.json", manifest.to_json())
 
