@@ -219,3 +219,18 @@ def test_ranks_with_different_pair_counts_gather_every_pair(tmp_path, layout):
     assert columns["index"] == [i for i in indices for _ in range(2)] and columns["k"] == [0, 1] * len(indices)
     assert columns["reward_margin"] == [v for i in indices for v in (i + 0.25, i - 0.25)]
     assert columns["policy_margin"] == [v for i in indices for v in (i - 0.5, i - 1.5)]
+
+
+def test_pair_columns_flatten_k_and_leave_out_stand_in_rows():
+    """2 pairs x K = 2; the second pair has weight 0 (a stand-in that only keeps a rank in step)."""
+    from mlx_dpo.trainer.pair_log import pair_columns
+
+    values = {"policy_chosen": np.array([-1.0, -2.0]), "ref_chosen": np.array([-1.5, -2.0]),
+              "policy_rejected": np.array([[-3.0, -4.0], [-5.0, -6.0]]),
+              "ref_rejected": np.array([[-3.0, -3.0], [-5.0, -5.0]]), "reward_margin": np.array([[0.1, 0.2], [0.3, 0.4]])}
+    columns = pair_columns(np.array([7, 9]), values)
+    assert columns["index"].tolist() == [7, 7, 9, 9] and columns["k"].tolist() == [0, 1, 0, 1]
+    assert columns["policy_margin"].tolist() == [2.0, 3.0, 3.0, 4.0]  # chosen - rejected_k
+    assert columns["ref_margin"].tolist() == [1.5, 1.5, 3.0, 3.0]
+    kept = pair_columns(np.array([7, 9]), values, weights=np.array([1.0, 0.0]))
+    assert kept["index"].tolist() == [7, 7] and kept["reward_margin"].tolist() == pytest.approx([0.1, 0.2])
