@@ -234,3 +234,20 @@ def test_pair_columns_flatten_k_and_leave_out_stand_in_rows():
     assert columns["ref_margin"].tolist() == [1.5, 1.5, 3.0, 3.0]
     kept = pair_columns(np.array([7, 9]), values, weights=np.array([1.0, 0.0]))
     assert kept["index"].tolist() == [7, 7] and kept["reward_margin"].tolist() == pytest.approx([0.1, 0.2])
+
+
+def test_both_files_are_written_durably(tmp_path, fsynced):
+    """Each write goes to a temp file that is fsynced, renamed over the file, and the folder fsynced."""
+    from conftest import atomic_temp_name
+    from mlx_dpo.trainer.pair_log import PairLog
+    from mlx_dpo.trainer.samples import SampleLog
+
+    columns = {"index": np.array([3]), "k": np.array([0], np.int32), "ref_margin": np.array([1.0], np.float32),
+               "policy_margin": np.array([2.0], np.float32), "reward_margin": np.array([0.1], np.float32)}
+    PairLog(tmp_path).append(0, columns)
+    SampleLog(tmp_path).append(0, [{"index": 3, "prompt": "p", "completion": "c", "finish_reason": "stop"}])
+    names = [p.rsplit("/", 1)[-1] for p in fsynced]
+    assert atomic_temp_name(tmp_path / "eval_pairs.parquet") in names and atomic_temp_name(tmp_path / "samples.jsonl") in names
+    assert fsynced.count(str(tmp_path)) >= 2  # the folder, after each rename
+    assert pq.read_table(tmp_path / "eval_pairs.parquet").to_pylist() == [
+        {"step": 0, "index": 3, "k": 0, "ref_margin": 1.0, "policy_margin": 2.0, "reward_margin": pytest.approx(0.1)}]
