@@ -251,3 +251,14 @@ def test_both_files_are_written_durably(tmp_path, fsynced):
     assert fsynced.count(str(tmp_path)) >= 2  # the folder, after each rename
     assert pq.read_table(tmp_path / "eval_pairs.parquet").to_pylist() == [
         {"step": 0, "index": 3, "k": 0, "ref_margin": 1.0, "policy_margin": 2.0, "reward_margin": pytest.approx(0.1)}]
+
+
+def test_held_out_prompts_are_the_first_distinct_ones(tmp_path):
+    from mlx_dpo.trainer.samples import held_out_prompts
+
+    for name, indices, prompts in (("b", [5, 1], [[7], [8, 9]]), ("a", [0, 3, 2], [[8, 9], [6], [8, 9]])):
+        pq.write_table(pa.table({"index": indices, "prompt_ids": prompts}), tmp_path / f"{name}.parquet")
+    shards = [tmp_path / "b.parquet", tmp_path / "a.parquet"]
+    # by index: 0 [8, 9], 1 [8, 9] (again), 2 [8, 9] (again), 3 [6], 5 [7]
+    assert held_out_prompts(shards, 2) == [(0, [8, 9]), (3, [6])]
+    assert held_out_prompts(shards, 9) == [(0, [8, 9]), (3, [6]), (5, [7])]

@@ -62,7 +62,7 @@ class TrainConfig:
     steps_per_eval: int = field(default=100, metadata={"group": "Output", "help": "Evaluate on the cache's valid split every N steps (and at the end)."})
     val_batches: int | None = field(default=None, metadata={"group": "Output", "help": "Batches per evaluation: a fixed seeded sample of the valid split, the same at every evaluation; -1 for the whole split. Default: the whole split up to 1,000 pairs, else 25 batches."})
     steps_per_save: int = field(default=100, metadata={"group": "Output", "help": "Save adapters and a resumable checkpoint every N steps."})
-    eval_generate: int = field(default=0, metadata={"group": "Output", "help": "At step 0 and each evaluation, write the policy's greedy answers to the first N valid prompts to OUTPUT/samples.jsonl."})
+    eval_generate: int = field(default=0, metadata={"group": "Output", "help": "At step 0 and each evaluation, write the policy's greedy answers to the first N distinct valid prompts to OUTPUT/samples.jsonl."})
     eval_max_tokens: int = field(default=64, metadata={"group": "Output", "help": "Most tokens per --eval-generate answer."})
 
     def __post_init__(self):

@@ -1,7 +1,7 @@
 """RUN/samples.jsonl (`train --eval-generate N`): what the policy writes for N fixed held-out prompts.
 
-At step 0 and at each evaluation, the policy in memory (adapters applied) answers the first N prompts
-of the cache's valid split (lowest `index` first), greedily, through mlx-lm's generation. One JSON line
+At step 0 and at each evaluation, the policy in memory (adapters applied) answers the first N distinct
+prompts of the cache's valid split (lowest `index` first), greedily, through mlx-lm's generation. One JSON line
 per (step, prompt): {"step", "index", "prompt", "completion", "finish_reason"}. The prompt goes in as
 the cache's own `prompt_ids` (chat template already applied), so the model sees exactly the tokens it
 is trained on; `prompt` is their decoding, for reading.
@@ -18,12 +18,17 @@ SAMPLES = "samples.jsonl"
 
 
 def held_out_prompts(shards: list[Path], n: int) -> list[tuple[int, list[int]]]:
-    """(index, prompt_ids) of the `n` rows with the lowest index in `shards` (fewer if they hold fewer)."""
+    """(index, prompt_ids) of the first `n` distinct prompts in `shards`, by lowest index (a prompt that
+    several rows share is asked once; fewer than `n` if the split holds fewer)."""
     rows = []
     for shard in shards:
         rows += pq.read_table(shard, columns=["index", "prompt_ids"]).to_pylist()
-    rows.sort(key=lambda r: r["index"])
-    return [(r["index"], r["prompt_ids"]) for r in rows[:n]]
+    chosen, seen = [], set()
+    for row in sorted(rows, key=lambda r: r["index"]):
+        if tuple(row["prompt_ids"]) not in seen and len(chosen) < n:
+            seen.add(tuple(row["prompt_ids"]))
+            chosen.append((row["index"], row["prompt_ids"]))
+    return chosen
 
 
 def generate_samples(model, tokenizer, prompts: list[tuple[int, list[int]]], max_tokens: int) -> list[dict]:
