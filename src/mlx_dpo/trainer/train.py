@@ -79,9 +79,9 @@ def make_loss_fn(loss_options: dict, ld_alpha: float | None = None):
         loss = pair_sum * scale[0] + token_weight * nll_sum * scale[1]
         k = ntoks.shape[0] // pairs
         if pair_values:  # evaluation only: the per-pair values behind the metrics, for eval_pairs.parquet
-            return loss, ((metrics, (mx.tile(weights, k) * ntoks).sum(), dict(
+            return loss, (metrics, (mx.tile(weights, k) * ntoks).sum(), dict(
                 policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen_logps,
-                ref_rejected=ref_rejected_logps, reward_margin=versus - rejected_rewards)))
+                ref_rejected=ref_rejected_logps, reward_margin=versus - rejected_rewards))
         return loss, (metrics, (mx.tile(weights, k) * ntoks).sum())
 
     loss_fn.token_weight = token_weight
