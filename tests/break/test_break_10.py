@@ -1,0 +1,169 @@
+"""Breaks of issue 10 ("The reference cache tells the truth"), found by review. Each test goes
+through the real CLI and fails on the change under review (4040d07..ba5c122)."""
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from mlx_dpo.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def precompute(model, data, out, *extra):
+    result = run("precompute", "--model", model, "--data", data, "--out", out, *extra)
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "manifest.json").read_text())
+
+
+def rows_of(cache):
+    return {split.name: sorted(pq.read_table(sorted(split.glob("part-*.parquet"))).to_pylist(), key=lambda r: r["index"])
+            for split in sorted(cache.iterdir()) if split.is_dir()}
+
+
+def logps(cache):
+    return [(r["index"], r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in rows_of(cache)["train"]]
+
+
+# ---- item 2: the identity hashes what the loader reads (the tokenizer)
+
+def _drop_unprobed_merge(model, data_text):
+    """Remove one BPE merge from tokenizer.json that the fingerprint's probe string never uses but the
+    data does: vocabulary, special tokens, chat template and probe ids stay the same, token ids of
+    the data change."""
+    from tokenizers import Tokenizer
+
+    from mlx_dpo.schemas.identity import _PROBE
+
+    spec = json.loads((model / "tokenizer.json").read_text())
+    base = Tokenizer.from_str(json.dumps(spec))
+    for i in reversed(range(len(spec["model"]["merges"]))):
+        changed = json.loads(json.dumps(spec))
+        changed["model"]["merges"].pop(i)
+        tokenizer = Tokenizer.from_str(json.dumps(changed))
+        if tokenizer.encode(_PROBE).ids == base.encode(_PROBE).ids and \
+                tokenizer.encode(data_text).ids != base.encode(data_text).ids:
+            (model / "tokenizer.json").write_text(json.dumps(changed))
+            return
+    pytest.skip("no merge used by the data but not by the probe")
+
+
+def _strip_after_role_tokens(model, data_text):
+    """Give the chat template's role tokens rstrip=True (the whitespace after them is absorbed): the
+    rendered probe conversation is the same text, its token ids are not."""
+    spec = json.loads((model / "tokenizer.json").read_text())
+    for token in spec["added_tokens"]:
+        if token["content"] in ("<|system|>", "<|user|>", "<|assistant|>"):
+            token["rstrip"] = True
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+
+
+# item 2: a tokenizer change the fingerprint misses (BPE merges; added-token lstrip/rstrip flags)
+@pytest.mark.parametrize("change, data", [(_drop_unprobed_merge, "standard_data"),
+                                          (_strip_after_role_tokens, "conversational_data")])
+def test_break_item2_a_tokenizer_change_that_changes_token_ids_changes_the_identity(
+        tiny_model_dir, change, data, request, tmp_path):
+    data = request.getfixturevalue(data)
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_model_dir, changed)
+    change(changed, data.read_text())
+    before = precompute(tiny_model_dir, data, tmp_path / "before")
+    after = precompute(changed, data, tmp_path / "after")
+    assert logps(tmp_path / "before") != logps(tmp_path / "after")  # the cached values differ...
+    assert before["identity"] != after["identity"]  # ...so the identity must (today: same; reused)
+    result = run("precompute", "--model", changed, "--data", data, "--out", tmp_path / "before")
+    assert "Reusing cache" not in result.output
+
+
+# item 2: with --trust-remote-code, the config's `model_file` (Python code mlx-lm runs to build the
+# model) decides the values, but is not hashed
+def test_break_item2_the_model_file_mlx_lm_loads_is_part_of_the_identity(tiny_model_dir, standard_data, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    code = ("from mlx_lm.models.llama import Model as _Base, ModelArgs\n"
+            "SCALE = {}\n"
+            "class Model(_Base):\n"
+            "    def __call__(self, *a, **k):\n"
+            "        return super().__call__(*a, **k) * SCALE\n")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_file": "custom.py"}))
+    (model / "custom.py").write_text(code.format(1.0))
+    first = precompute(model, standard_data, tmp_path / "first", "--trust-remote-code")
+    (model / "custom.py").write_text(code.format(3.0))
+    second = precompute(model, standard_data, tmp_path / "second", "--trust-remote-code")
+    assert logps(tmp_path / "first") != logps(tmp_path / "second")
+    assert first["identity"] != second["identity"]
+
+
+# ---- item 4 / README "When things go wrong" (--overwrite row): "Without it, a damaged cache of the
+# same identity is named, not reused"
+
+def _flip_a_data_byte(cache):
+    shard = cache / "train" / "part-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[200] ^= 0xFF  # inside the first data page: size and footer unchanged
+    shard.write_bytes(bytes(data))
+
+
+def _delete_rejects_file(cache):
+    (cache / "rejects.jsonl").unlink()
+
+
+@pytest.mark.parametrize("damage", [_flip_a_data_byte, _delete_rejects_file])
+def test_break_item4_a_damaged_cache_of_the_same_identity_is_not_reused(
+        standard_cache, tiny_model_dir, standard_data, tmp_path, damage):
+    cache = tmp_path / "cache"
+    shutil.copytree(standard_cache, cache)
+    damage(cache)
+    assert run("cache", "verify", cache).exit_code == 1  # verify calls it damaged: "rebuild it with --overwrite"
+    result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", cache,
+                 "--max-length", 22, "--rows-per-shard", 5)
+    assert "Reusing cache" not in result.output, result.output
+
+
+# ---- item 7: no command reads outside the cache (a manifest.json that is a symbolic link)
+
+@pytest.mark.parametrize("command", ["verify", "inspect", "train"])
+def test_break_item7_readers_refuse_a_manifest_behind_a_symbolic_link(standard_cache, tiny_model_dir, tmp_path, command):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copytree(standard_cache / "train", cache / "train")
+    shutil.copy(standard_cache / "rejects.jsonl", cache / "rejects.jsonl")
+    outside = tmp_path / "elsewhere" / "manifest.json"
+    outside.parent.mkdir()
+    shutil.copy(standard_cache / "manifest.json", outside)
+    (cache / "manifest.json").symlink_to(outside)
+    # precompute refuses this very folder ("a symbolic link inside the cache; a cache holds plain files only")
+    args = {"verify": ["cache", "verify", cache], "inspect": ["cache", "inspect", cache],
+            "train": ["train", "--cache", cache, "--model", tiny_model_dir, "--output", tmp_path / "run", "--iters", 1]}
+    result = run(*args[command])
+    assert result.exit_code == 1 and "symbolic link" in result.output, result.output
+
+
+# ---- item 3: resume never mixes shard plans (a shard's rejects sidecar from another plan)
+
+def test_break_item3_resume_never_reuses_a_rejects_sidecar_of_another_plan(tiny_model_dir, standard_data, tmp_path):
+    """The state a kill leaves: run A (--rows-per-shard 5) wrote every shard and died before the
+    manifest; run B (--rows-per-shard 10) rewrote train/part-00000.rejects.jsonl for its rows 0..9 and
+    died before its part-00000.parquet. Run A again: part-00000.parquet has A's row range, so the
+    shard counts as complete with B's sidecar, and rows 5..9's rejects are counted twice."""
+    args = ["--max-length", 22]
+    fresh, out, other = tmp_path / "fresh", tmp_path / "out", tmp_path / "other"
+    precompute(tiny_model_dir, standard_data, fresh, *args, "--rows-per-shard", 5)
+    shutil.copytree(fresh, out)
+    (out / "manifest.json").unlink()
+    (out / "rejects.jsonl").unlink()
+    precompute(tiny_model_dir, standard_data, other, *args, "--rows-per-shard", 10)
+    shutil.copy(other / "train" / "part-00000.rejects.jsonl", out / "train" / "part-00000.rejects.jsonl")
+
+    result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", out, *args,
+                 "--rows-per-shard", 5)
+    assert result.exit_code == 0, result.output  # today: "row 5 is there 2 times ... re-run with --overwrite"
+    assert rows_of(out) == rows_of(fresh)
+    assert sorted((out / "rejects.jsonl").read_text().splitlines()) == \
+        sorted((fresh / "rejects.jsonl").read_text().splitlines())
