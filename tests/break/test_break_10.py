@@ -167,3 +167,38 @@ def test_break_item3_resume_never_reuses_a_rejects_sidecar_of_another_plan(tiny_
     assert rows_of(out) == rows_of(fresh)
     assert sorted((out / "rejects.jsonl").read_text().splitlines()) == \
         sorted((fresh / "rejects.jsonl").read_text().splitlines())
+
+
+# ---- item 2 (tokenizer fingerprint) / README "train checks the cache against its policy's tokenizer":
+# the fingerprint now renders a probe conversation, so a template that prints today's date (as
+# Llama 3.2's does with strftime_now("%d %b %Y")) gives the same tokenizer another fingerprint the
+# next day, and train refuses the cache it was precomputed with ("precomputed with another tokenizer")
+
+def test_break_item2_train_accepts_its_own_tokenizer_the_day_after(tiny_model_dir, conversational_data, tmp_path,
+                                                                    monkeypatch):
+    import datetime as real
+
+    from transformers.utils import chat_template_utils
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    template = (model / "chat_template.jinja").read_text()
+    dated = template.replace("{{ bos_token }}", "{{ bos_token }}{{ '<|system|>\nToday Date: ' + "
+                                                "strftime_now('%d %b %Y') + '\n' }}", 1)
+    assert dated != template
+    (model / "chat_template.jinja").write_text(dated)
+
+    def on(day):
+        class Clock(real.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return real.datetime(2026, 11, day, 12, 0, 0)
+        monkeypatch.setattr(chat_template_utils, "datetime", Clock)
+
+    on(29)
+    precompute(model, conversational_data, tmp_path / "cache")
+    on(30)  # the same model directory, the same tokenizer files, one day later
+    result = run("train", "--cache", tmp_path / "cache", "--model", model, "--output", tmp_path / "run", "--iters", 1,
+                 "--batch-size", 2)
+    assert "tokenizer differs" not in result.output, result.output
+    assert result.exit_code == 0, result.output
