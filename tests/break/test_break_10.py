@@ -237,3 +237,22 @@ def test_break_item8_the_same_weights_saved_again_are_not_named_other_weights(st
     first = next(json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in line)
     assert abs(first["loss"] - 0.6931471805599453) < 1e-6  # it IS the reference
     assert "are not the cache's reference" not in result.output, result.output
+
+
+# ---- item 2: "exactly what the loader reads": mlx-lm reads hf_quant_config.json only when config.json
+# has no quantization_config (mlx_lm.utils.load_model); beside a config that has one it is not read,
+# yet it changes the identity, and the same values are refused as "other inputs"
+
+def test_break_item2_an_hf_quant_config_mlx_lm_does_not_read_keeps_the_identity(tiny_model_dir, standard_data, tmp_path):
+    from mlx_lm import convert
+
+    quantized = tmp_path / "q"
+    convert(str(tiny_model_dir), mlx_path=str(quantized), quantize=True, q_group_size=32, q_bits=4)
+    assert "quantization_config" in json.loads((quantized / "config.json").read_text())
+    first = precompute(quantized, standard_data, tmp_path / "first")
+    (quantized / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"},
+                                                                "quantization": {"quant_algo": "FP8"}}))
+    second = precompute(quantized, standard_data, tmp_path / "second")
+    assert rows_of(tmp_path / "first") == rows_of(tmp_path / "second")  # mlx-lm did not read it
+    assert first["identity"] == second["identity"], json.dumps([first["identity_fields"]["reference_weights"],
+                                                                second["identity_fields"]["reference_weights"]])
