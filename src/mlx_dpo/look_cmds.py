@@ -25,7 +25,11 @@ def cache_inspect(cache_dir):
     log-prob distribution and rejected rows by reason."""
     from .inspect_cache import inspect_cache
 
+    from .schemas.verify import check_cache
+
     manifest = read_cache_manifest(cache_dir)
+    if problems := check_cache(Path(cache_dir), manifest):  # paths, sizes, Parquet footers: name the file
+        raise UserError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     try:
         text = inspect_cache(Path(cache_dir), manifest)
     except ValueError as error:  # a manifest path through a symbolic link: never read outside the cache

@@ -1,6 +1,7 @@
 """Loading a model and tokenizer through mlx-lm, in its compute dtype (float32 on CPU), and hashing
 exactly the files mlx-lm reads to build it."""
 
+import hashlib
 import json
 import struct
 from collections import Counter
@@ -10,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import UserError
-from .schemas.identity import DTYPES, hash_files
+from .schemas.identity import DTYPES, hash_files, identity_hash
 
 # Any one of these lets transformers' AutoTokenizer build a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -70,12 +71,75 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def _safetensors_header(file: Path) -> tuple[dict, int]:
+    """(header without __metadata__, byte offset of the data) of a safetensors file. UserError names
+    the file when it is not one."""
+    try:
+        with open(file, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(size))
+        tensors = {name: t for name, t in header.items() if name != "__metadata__"}
+        for t in tensors.values():
+            begin, end = t["data_offsets"]
+            if not (isinstance(t["dtype"], str) and isinstance(t["shape"], list) and 0 <= begin <= end):
+                raise ValueError("bad tensor entry")
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{file}: not a readable safetensors file ({error})") from error
+    return tensors, 8 + size
+
+
+def tensors_hash(files: list[Path], chunk_bytes: int = 1 << 22) -> str:
+    """sha256 over every tensor's name, dtype, shape and data bytes, in name order: the same tensors
+    saved again (another tensor order, metadata or file split) hash the same. Reads one chunk at a
+    time, so a multi-GB checkpoint is never in memory."""
+    entries = sorted((name, file.name, t, offset) for file in files
+                     for tensors, offset in [_safetensors_header(file)] for name, t in tensors.items())
+    handles = {file.name: open(file, "rb") for file in files}
+    digest = hashlib.sha256()
+    try:
+        for name, file_name, t, offset in entries:
+            begin, end = t["data_offsets"]
+            digest.update(json.dumps([name, t["dtype"], t["shape"], end - begin]).encode() + b"\0")
+            handle = handles[file_name]
+            handle.seek(offset + begin)
+            left = end - begin
+            while left > 0:
+                block = handle.read(min(chunk_bytes, left))
+                if not block:
+                    raise UserError(f"{file_name}: tensor {name} is cut short (the file is truncated)")
+                digest.update(block)
+                left -= len(block)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return digest.hexdigest()
+
+
+def _json_or_bytes(path: Path):
+    """A JSON file's parsed content (its formatting does not count), else the sha256 of its bytes."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return hash_files([path])
+
+
 def weights_hash(path: Path) -> str:
-    """Content hash of what decides the model's outputs as mlx-lm loads it: the weight files, config.json
-    (architecture and quantization settings) and hf_quant_config.json when present (ModelOpt
-    quantization, which mlx-lm reads from there)."""
-    extra = [Path(path) / name for name in ("config.json", "hf_quant_config.json") if (Path(path) / name).is_file()]
-    return hash_files(weight_files(path) + extra)
+    """Content hash of what decides the model's outputs as mlx_lm.load_model reads it: the tensors
+    of `model*.safetensors` (tensors_hash), config.json (architecture, quantization settings), the
+    Python file its `model_file` names (run under --trust-remote-code), and hf_quant_config.json
+    only where mlx-lm reads it: when config.json (and its text_config) has no quantization_config."""
+    path = Path(path)
+    config = _json_or_bytes(path / "config.json")
+    parts = {"tensors": tensors_hash(weight_files(path)), "config": config}
+    if isinstance(config, dict):
+        if (model_file := config.get("model_file")) is not None:
+            code = path / str(model_file)
+            parts["model_file"] = hash_files([code]) if code.is_file() else None
+        text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        quant = path / "hf_quant_config.json"
+        if "quantization_config" not in config and "quantization_config" not in text_config and quant.is_file():
+            parts["hf_quant_config"] = _json_or_bytes(quant)
+    return identity_hash(parts)
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -86,10 +150,8 @@ def checkpoint_dtype(path: Path) -> str:
     headers, without loading them); a quantized model's is that of its scales."""
     counts = Counter()
     for file in weight_files(path):
-        with open(file, "rb") as handle:
-            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
-        counts.update(_SAFETENSORS_DTYPES[t["dtype"]] for name, t in header.items()
-                      if name != "__metadata__" and t.get("dtype") in _SAFETENSORS_DTYPES)
+        tensors, _ = _safetensors_header(file)
+        counts.update(_SAFETENSORS_DTYPES[t["dtype"]] for t in tensors.values() if t["dtype"] in _SAFETENSORS_DTYPES)
     return counts.most_common(1)[0][0] if counts else "float32"
 
 

@@ -16,8 +16,9 @@ from mlx_dpo.schemas import (
 )
 from mlx_dpo.schemas.manifest import MANIFEST_NAME
 
-FIELDS = {"schema_version": SCHEMA_VERSION, "reference_weights": "a" * 64, "tokenizer": "b" * 64,
-          "data": {"train": "c" * 64}, "options": {"max_length": 512, "truncation_mode": "keep_start"}}
+FIELDS = {"schema_version": SCHEMA_VERSION, "reference_weights": "a" * 64, "dtype": "float32", "tokenizer": "b" * 64,
+          "tokenization_rules": 1, "data": {"train": "c" * 64},
+          "options": {"max_length": 512, "truncation_mode": "keep_start"}}
 
 
 def test_identity_changes_with_any_field():

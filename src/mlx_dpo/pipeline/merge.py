@@ -7,15 +7,23 @@ from pathlib import Path
 from ..errors import UserError
 from ..schemas import SCHEMA_VERSION, Manifest, describe_difference, read_manifest
 from ..schemas.atomic import atomic_path, make_dirs
-from ..schemas.manifest import MANIFEST_NAME
+from ..schemas.manifest import MANIFEST_NAME, PARTIAL_NAME, refuse_links
 from .lock import cache_lock
-from .shards import PARTIAL_NAME, finish, is_complete, owned, plan
+from .shards import finish, is_complete, owned, plan
 
 # What every part must agree on to be pieces of one cache.
 _SHARED = ("identity", "rows_per_shard", "num_shards", "rows_in", "rejected_per_prompt")
 
 
+def _refuse_links(folder: Path) -> None:
+    try:
+        refuse_links(folder)  # the readers' and precompute's check: nothing read or written outside
+    except ValueError as error:
+        raise UserError(str(error)) from error
+
+
 def _read_partial(part: Path) -> dict:
+    _refuse_links(part)
     path = part / PARTIAL_NAME
     if not path.is_file():
         raise UserError(f"{part}: not the output of `precompute --num-shards N --shard-index i` (no {PARTIAL_NAME})")
@@ -51,6 +59,7 @@ def merge(out: Path, parts: list[Path], log=print) -> Manifest:
     tasks = plan(base["rows_in"], records[0]["rows_per_shard"])
     make_dirs(out)
     with cache_lock(out):
+        _refuse_links(out)
         if (out / MANIFEST_NAME).is_file():
             try:
                 existing = read_manifest(out)

@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..models import checked_model_path, compute_dtype, load_model, load_tokenizer
 from ..schemas import Manifest, describe_difference, identity_hash, read_manifest, ref_logps_schema
 from ..schemas.atomic import make_dirs
-from ..schemas.manifest import MANIFEST_NAME
+from ..schemas.manifest import MANIFEST_NAME, refuse_links
 from ..schemas.sequence import rejected_id_lists
 from ..schemas.verify import check_cache
 from .config import PrecomputeConfig
@@ -27,7 +27,6 @@ from .load import load_splits
 from .lock import cache_lock
 from .reference import score_rows
 from .shards import (
-    CACHE_SPLITS,
     clear_layout,
     finish,
     is_complete,
@@ -38,9 +37,10 @@ from .shards import (
     remove_unplanned,
     temp_files,
     write_partial,
+    write_sidecar,
 )
 from .sources import EVAL_CACHE_SPLIT, encode_source, select_sources, settle_rejected_count
-from .write import shard_identity, write_jsonl_atomic, write_shard
+from .write import shard_identity, write_shard
 
 
 def _check_existing(out: Path, identity: str, fields: dict, overwrite: bool, staging: bool) -> Manifest | None:
@@ -59,7 +59,7 @@ def _check_existing(out: Path, identity: str, fields: dict, overwrite: bool, sta
         if manifest.identity != identity:
             diff = describe_difference(manifest.identity_fields, fields)
             raise UserError(f"{out}: holds a cache of other inputs ({diff}); use another --out or --overwrite")
-        if not staging and (problems := check_cache(out, manifest)):
+        if not staging and (problems := check_cache(out, manifest, full=True)):  # reuse only what `cache verify` passes
             raise UserError(f"{problems[0]}: the cache is damaged; rebuild it with --overwrite")
         return manifest
     stale = [p for p in layout_files(out) if p.suffix == ".parquet" and shard_identity(p) != identity]
@@ -72,13 +72,11 @@ def _check_existing(out: Path, identity: str, fields: dict, overwrite: bool, sta
 
 def _refuse_links(out: Path) -> None:
     """We write the cache's files below `out`: a symbolic link among them (a cache from elsewhere)
-    would send them outside."""
-    split_dirs = [out / split for split in CACHE_SPLITS]
-    candidates = split_dirs + [out / name for name in (MANIFEST_NAME, "rejects.jsonl")]
-    candidates += [p for d in split_dirs if d.is_dir() and not d.is_symlink() for p in d.iterdir()]
-    link = next((p for p in candidates if p.is_symlink()), None)
-    if link is not None:
-        raise UserError(f"{link}: a symbolic link inside the cache; a cache holds plain files only (remove it)")
+    would send them outside. The same check as every reader's (schemas.manifest.refuse_links)."""
+    try:
+        refuse_links(out)
+    except ValueError as error:
+        raise UserError(str(error)) from error
 
 
 def _shard_table(scored: list[dict], identity: str, fields: dict, rejected_per_prompt: int, row_range: dict) -> pa.Table:
@@ -237,7 +235,7 @@ def _compute(run: _Run, tasks, encoded: dict, positions: dict, rejected_per_prom
             rows = [r for r in chunk if isinstance(r, dict)]
             _score_into(rows, model, pad_id, cfg, progress)
             _check_finite(rows, task.split, cfg.model)
-            write_jsonl_atomic(rejects, task.rejects_path(out))  # before the shard, which marks completion
+            write_sidecar(task, out, run.identity, rejects)  # before the shard, which marks completion
             table = _shard_table(rows, run.identity, run.fields, rejected_per_prompt, task.row_range())
             write_shard(table, task.path(out), out)
 

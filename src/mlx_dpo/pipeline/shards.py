@@ -17,14 +17,12 @@ from .. import __version__
 from ..errors import UserError
 from ..schemas import SCHEMA_VERSION, Manifest, SplitInfo, write_json_atomic
 from ..schemas.atomic import fsync_dir
-from ..schemas.manifest import MANIFEST_NAME
+from ..schemas.manifest import CACHE_SPLITS, MANIFEST_NAME, PARTIAL_NAME, REJECTS_NAME
 from ..schemas.verify import check_accounting
 from .sources import EVAL_CACHE_SPLIT
 from .write import completion_tokens, shard_info, shard_metadata, write_jsonl_atomic
 
-PARTIAL_NAME = "partial.json"  # a --shard-index job's record, read by `cache merge`
-REJECTS_NAME = "rejects.jsonl"
-CACHE_SPLITS = ("train", EVAL_CACHE_SPLIT)
+assert EVAL_CACHE_SPLIT in CACHE_SPLITS
 # The files of the cache layout, and the temp files their atomic writes leave when killed.
 _SPLIT_FILE = re.compile(r"part-(\d{5})\.(parquet|rejects\.jsonl)")
 _TEMP_FILE = re.compile(r"\.(manifest|rejects|partial|part-\d{5}(\.rejects)?)\.\d+\.tmp(\.\w+)?")
@@ -63,9 +61,30 @@ def owned(tasks: list[ShardTask], workers: int, worker: int) -> list[ShardTask]:
 
 def is_complete(task: ShardTask, out: Path, identity: str) -> bool:
     """The shard is written, for this identity and this very row range (another --rows-per-shard
-    gives other ranges under the same file names)."""
-    part = task.path(out)
-    return part.exists() and task.rejects_path(out).exists() and shard_metadata(part) == (identity, task.row_range())
+    gives other ranges under the same file names), in both its files: the Parquet and its rejects
+    sidecar each carry them, so neither is ever paired with the other's of another plan."""
+    part, sidecar = task.path(out), task.rejects_path(out)
+    stamp = (identity, task.row_range())
+    return part.exists() and sidecar.exists() and shard_metadata(part) == stamp and read_sidecar(sidecar)[0] == stamp
+
+
+_SIDECAR_KEY = "mlx_dpo.shard"  # the sidecar's first line: {"mlx_dpo.shard": {"identity", "row_range"}}
+
+
+def write_sidecar(task: ShardTask, out: Path, identity: str, rejects: list[dict]) -> None:
+    """The shard's rejects, after a first line naming the identity and row range they were made for."""
+    header = {_SIDECAR_KEY: {"identity": identity, "row_range": task.row_range()}}
+    write_jsonl_atomic([header, *rejects], task.rejects_path(out))
+
+
+def read_sidecar(path: Path) -> tuple[tuple[str, dict] | None, list[dict]]:
+    """((identity, row range) or None when unstamped or unreadable, reject records) of a sidecar."""
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        stamp = records[0][_SIDECAR_KEY]
+        return (stamp["identity"], stamp["row_range"]), records[1:]
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        return None, []
 
 
 def layout_files(out: Path) -> list[Path]:
@@ -116,7 +135,7 @@ def collect(out: Path, tasks: list[ShardTask], rows_in: dict[str, int],
     for split, n in rows_in.items():
         mine = [t for t in tasks if t.split == split]
         shards = [shard_info(t.path(out), out) for t in mine]
-        rejects = [json.loads(line) for t in mine for line in t.rejects_path(out).read_text().splitlines() if line]
+        rejects = [record for t in mine for record in read_sidecar(t.rejects_path(out))[1]]
         infos[split] = SplitInfo(
             rows_in=n,
             rows_cached=sum(s.rows for s in shards),

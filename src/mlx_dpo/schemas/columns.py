@@ -6,8 +6,9 @@ import pyarrow as pa
 
 # Bump when a column or the manifest changes; part of the cache identity. Caches of another
 # version are refused with "re-run precompute". 2: dtype in the identity, shard row ranges,
-# SplitInfo.input_split.
-SCHEMA_VERSION = 2
+# SplitInfo.input_split. 3: weights hashed by tensor content, the tokenizer by its serialization,
+# shard rejects sidecars stamped with identity and row range.
+SCHEMA_VERSION = 3
 
 _TOKEN_LIST = pa.list_(pa.int32())
 ROW_RANGE_KEY = "mlx_dpo.row_range"

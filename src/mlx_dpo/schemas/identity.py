@@ -46,25 +46,38 @@ def hash_files(paths: list[Path], chunk_bytes: int = 1 << 22) -> str:
 
 
 _PROBE = "Hello, world!  The 3 quick brown foxes; naïve café.\nNew line"
-_PROBE_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": _PROBE},
-               {"role": "assistant", "content": "Hi."}]
+_SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
+
+
+def _backend_state(tokenizer):
+    """What decides the token ids beyond the Python wrapper: a fast tokenizer's whole serialization
+    (model incl. BPE merges, normalizer, pre-tokenizer, post-processor, decoder, added tokens with
+    their lstrip/rstrip/normalized flags), parsed so its JSON formatting does not count; else (a
+    SentencePiece or other file-based tokenizer) the sha256 of its vocabulary/model files."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return json.loads(backend.to_str())
+    files = {}
+    for key in sorted(getattr(tokenizer, "vocab_files_names", {}) or {}):
+        name = getattr(tokenizer, key, None) or (getattr(tokenizer, "init_kwargs", {}) or {}).get(key)
+        if isinstance(name, (str, Path)) and Path(name).is_file():
+            files[key] = hash_files([Path(name)])
+    return files or {"vocab": sorted(tokenizer.get_vocab().items())}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of what decides token ids: vocabulary, special tokens, chat template, and how a probe
-    string encodes (which catches normalizer, pre-tokenizer and BOS-adding differences) and, with a
-    template, how a probe conversation renders."""
+    """sha256 of what decides token ids and rendered conversations: the backend (_backend_state),
+    the full vocabulary with added tokens, the special tokens, the chat template text(s), and how a
+    probe string encodes (the wrapper's own BOS/EOS adding). Nothing clock-dependent is rendered: a
+    template calling strftime_now counts by its text, not by today's output."""
     state = {
+        "backend": _backend_state(tokenizer),
         "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": [str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")],
+        "special": {name: str(getattr(tokenizer, name, None)) for name in _SPECIAL},
+        "extra_special": sorted(map(str, getattr(tokenizer, "all_special_tokens", []) or [])),
         "chat_template": getattr(tokenizer, "chat_template", None),
         "probe": list(tokenizer(_PROBE)["input_ids"]),
     }
-    if state["chat_template"]:
-        try:
-            state["chat_probe"] = tokenizer.apply_chat_template(_PROBE_CHAT, tokenize=False)
-        except Exception as error:  # a template may refuse system messages: that is behaviour too
-            state["chat_probe"] = f"{type(error).__name__}: {error}"
     return hashlib.sha256(_canonical(state)).hexdigest()
 
 

@@ -1,13 +1,18 @@
 """manifest.json: what a cache holds. Written last, so its presence marks a complete cache."""
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .atomic import write_text_atomic
 from .columns import SCHEMA_VERSION
+from .identity import missing_fields
 
 MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.jsonl"
+PARTIAL_NAME = "partial.json"  # a --shard-index job's record, read by `cache merge`
+CACHE_SPLITS = ("train", "valid")  # the cache's split folders
 
 
 class OldCache(ValueError):
@@ -82,6 +87,26 @@ def inside(cache_dir: Path, relative: str) -> Path:
     return Path(cache_dir) / path
 
 
+def cache_links(cache_dir: Path) -> list[Path]:
+    """Symbolic links among a cache's own entries: manifest, rejects file, partial record, the split
+    folders and everything below them (without following links). A link would make a reader read,
+    or a writer write, outside the cache."""
+    cache_dir = Path(cache_dir)
+    top = [cache_dir / name for name in (MANIFEST_NAME, REJECTS_NAME, PARTIAL_NAME, *CACHE_SPLITS)]
+    links = [p for p in top if p.is_symlink()]
+    for split in CACHE_SPLITS:
+        if (cache_dir / split).is_dir() and not (cache_dir / split).is_symlink():
+            for folder, dirs, files in os.walk(cache_dir / split):  # os.walk does not follow links
+                links += [Path(folder) / name for name in sorted(dirs + files) if (Path(folder) / name).is_symlink()]
+    return links
+
+
+def refuse_links(cache_dir: Path) -> None:
+    """ValueError naming the first symbolic link inside the cache (see cache_links)."""
+    if links := cache_links(cache_dir):
+        raise ValueError(f"{links[0]}: a symbolic link inside the cache; a cache holds plain files only (remove it)")
+
+
 def parse_manifest(raw: bytes | str, where: str) -> Manifest:
     """A manifest from its JSON text. ValueError names `where`; OldCache (a ValueError) for a cache
     of another schema version, which is refused rather than read."""
@@ -93,22 +118,32 @@ def parse_manifest(raw: bytes | str, where: str) -> Manifest:
         if version != SCHEMA_VERSION:
             raise OldCache(f"{where}: a cache of schema version {version}, this mlx-dpo reads version "
                            f"{SCHEMA_VERSION}; re-run precompute (with --overwrite) to rebuild it")
-        return Manifest.from_json(data)
-    except OldCache:
-        raise
+        manifest = Manifest.from_json(data)
     except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        if isinstance(error, OldCache):
+            raise
         raise ValueError(f"{where}/{MANIFEST_NAME}: unreadable manifest ({error})") from error
+    if not isinstance(manifest.identity_fields, dict):
+        raise ValueError(f"{where}/{MANIFEST_NAME}: unreadable manifest (identity_fields is not an object)")
+    if missing := missing_fields(manifest.identity_fields):  # a forgery, or a cache from before these fields
+        raise OldCache(f"{where}/{MANIFEST_NAME}: identity_fields lack {', '.join(missing)} (schema version "
+                       f"{version} requires them); re-run precompute (with --overwrite) to rebuild it")
+    return manifest
 
 
 def read_manifest(cache_dir: Path) -> Manifest:
-    """Read a complete cache's manifest, every path it names checked to lie inside the cache.
-    FileNotFoundError / ValueError name the path on failure (see parse_manifest)."""
+    """Read a complete cache's manifest, every path it names checked to lie inside the cache and no
+    symbolic link anywhere in it (refuse_links). FileNotFoundError / ValueError name the path on
+    failure (see parse_manifest)."""
     path = Path(cache_dir) / MANIFEST_NAME
     if not Path(cache_dir).is_dir():
         raise FileNotFoundError(f"{cache_dir}: no such cache directory")
+    if path.is_symlink():
+        refuse_links(cache_dir)
     if not path.is_file():
         raise FileNotFoundError(f"{cache_dir}: not a complete mlx-dpo cache (no {MANIFEST_NAME}; run `mlx-dpo precompute`)")
     manifest = parse_manifest(path.read_bytes(), str(cache_dir))
     for relative in manifest.relative_paths():
-        inside(cache_dir, relative)
+        inside(cache_dir, relative)  # first: it names the manifest path that leads outside
+    refuse_links(cache_dir)
     return manifest

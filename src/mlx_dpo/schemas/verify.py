@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .columns import ref_logps_schema
-from .identity import DTYPES, identity_hash, missing_fields
+from .identity import DTYPES, identity_hash
 from .manifest import Manifest, inside
 
 __all__ = ["check_accounting", "check_cache", "coverage_problem", "file_sha256", "inside"]
@@ -61,8 +61,6 @@ def _check_identity(cache_dir: Path, manifest: Manifest) -> list[str]:
     if identity_hash(fields) != manifest.identity:
         return [f"{where}: identity {manifest.identity[:12]} is not the hash of its identity_fields "
                 f"({identity_hash(fields)[:12]}); the manifest was edited"]
-    if missing := missing_fields(fields):
-        return [f"{where}: identity_fields lack {', '.join(missing)}; re-run precompute (with --overwrite)"]
     if fields["dtype"] not in DTYPES:
         return [f"{where}: identity dtype {fields['dtype']!r} is not one of {', '.join(DTYPES)}"]
     return []
@@ -88,6 +86,8 @@ def _check_shard(cache_dir: Path, manifest: Manifest, shard, full: bool) -> list
         path = inside(cache_dir, shard.path)
     except ValueError as error:
         return [str(error)]
+    if path.is_dir():
+        return [f"{path}: shard listed in the manifest is a folder, not a Parquet file"]
     if not path.is_file():
         return [f"{path}: shard listed in the manifest is missing"]
     if path.stat().st_size != shard.bytes:
