@@ -77,13 +77,15 @@ def _safetensors_header(file: Path) -> tuple[dict, int]:
     try:
         with open(file, "rb") as handle:
             size = struct.unpack("<Q", handle.read(8))[0]
+            if size > file.stat().st_size - 8:
+                raise ValueError(f"header of {size} bytes is longer than the file")
             header = json.loads(handle.read(size))
         tensors = {name: t for name, t in header.items() if name != "__metadata__"}
         for t in tensors.values():
             begin, end = t["data_offsets"]
             if not (isinstance(t["dtype"], str) and isinstance(t["shape"], list) and 0 <= begin <= end):
                 raise ValueError("bad tensor entry")
-    except (OSError, struct.error, ValueError, KeyError, TypeError) as error:
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UserError(f"{file}: not a readable safetensors file ({error})") from error
     return tensors, 8 + size
 

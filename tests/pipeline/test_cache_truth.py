@@ -174,6 +174,27 @@ def test_resume_with_another_shard_size_caches_each_row_once(tiny_model_dir, row
     assert result.exit_code == 0, result.output
 
 
+def test_resume_never_reuses_a_rejects_sidecar_of_another_plan(tiny_model_dir, standard_data, tmp_path):
+    """The state kills leave: run A (--rows-per-shard 5) wrote every shard and died before the
+    manifest; run B (--rows-per-shard 10) rewrote train/part-00000.rejects.jsonl for its rows 0..9 and
+    died before its part-00000.parquet. Run A again: the sidecar is recomputed, not paired with A's
+    shard (which would count rows 5..9's rejects twice)."""
+    fresh, out, other = tmp_path / "fresh", tmp_path / "out", tmp_path / "other"
+    assert run(*standard_args(tiny_model_dir, standard_data, fresh)).exit_code == 0
+    shutil.copytree(fresh, out)
+    (out / "manifest.json").unlink()
+    (out / "rejects.jsonl").unlink()
+    result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", other, "--max-length", 22,
+                 "--rows-per-shard", 10)
+    assert result.exit_code == 0, result.output
+    shutil.copy(other / "train" / "part-00000.rejects.jsonl", out / "train" / "part-00000.rejects.jsonl")
+    result = run(*standard_args(tiny_model_dir, standard_data, out))
+    assert result.exit_code == 0, result.output
+    assert read_rows(out) == read_rows(fresh)
+    assert sorted((out / "rejects.jsonl").read_text().splitlines()) == \
+        sorted((fresh / "rejects.jsonl").read_text().splitlines())
+
+
 def test_no_manifest_unless_every_row_is_there_exactly_once(standard_cache, tiny_model_dir, standard_data, tmp_path):
     """A shard that claims its place in the plan but holds another shard's rows: caught before the manifest."""
     cache = tmp_path / "cache"
@@ -202,6 +223,49 @@ def test_overwrite_rebuilds_a_damaged_cache(standard_cache, tiny_model_dir, stan
     assert result.exit_code == 0 and "Reusing" not in result.output, result.output
     assert run("cache", "verify", cache).exit_code == 0
     assert read_rows(cache) == read_rows(standard_cache)
+
+
+def _flip_a_data_byte(cache):
+    shard = cache / "train" / "part-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[200] ^= 0xFF  # inside the first data page: size and footer unchanged
+    shard.write_bytes(bytes(data))
+
+
+def _delete_the_rejects_file(cache):
+    (cache / "rejects.jsonl").unlink()
+
+
+@pytest.mark.parametrize("damage, named", [(_flip_a_data_byte, "part-00000.parquet: sha256 differs"),
+                                           (_delete_the_rejects_file, "rejects.jsonl: unreadable rejects file")])
+def test_a_damaged_cache_of_the_same_identity_is_named_not_reused(standard_cache, tiny_model_dir, standard_data,
+                                                                  tmp_path, damage, named):
+    """Reuse runs the whole of `cache verify` (sha256 of every file, values, row accounting)."""
+    cache = tmp_path / "cache"
+    shutil.copytree(standard_cache, cache)
+    damage(cache)
+    assert run("cache", "verify", cache).exit_code == 1
+    result = run(*standard_args(tiny_model_dir, standard_data, cache))
+    assert result.exit_code == 1 and "Reusing cache" not in result.output, result.output
+    assert named in result.output and "the cache is damaged; rebuild it with --overwrite" in result.output
+
+
+def test_tokens_per_batch_changes_values_only_within_float32_rounding(tiny_model_dir, standard_data, tmp_path):
+    """Another --tokens-per-batch pads and groups rows differently: token ids, counts and rejects are the
+    same, the log-probs within float32 rounding (the README's claim), so it is not part of the identity."""
+    small, large = tmp_path / "small", tmp_path / "large"
+    for out, budget in ((small, 32), (large, 8192)):
+        assert run(*standard_args(tiny_model_dir, standard_data, out, "--tokens-per-batch", budget)).exit_code == 0
+    assert manifest_of(small)["identity"] == manifest_of(large)["identity"]
+    assert (small / "rejects.jsonl").read_text() == (large / "rejects.jsonl").read_text()
+    worst = 0.0
+    for a, b in zip(read_rows(small), read_rows(large), strict=True):
+        for column in a:
+            if column.startswith("ref_"):
+                worst = max(worst, abs(a[column] - b[column]))
+            else:
+                assert a[column] == b[column], column
+    assert worst <= 2e-5
 
 
 def test_overwrite_deletes_only_cache_files(standard_cache, tiny_model_dir, standard_data, tmp_path):

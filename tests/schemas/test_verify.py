@@ -172,6 +172,65 @@ def test_inspect_refuses_a_rejects_file_behind_a_symbolic_link(cache, tmp_path):
     assert "SECRET" not in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("command", ["verify", "inspect", "train"])
+def test_readers_refuse_a_manifest_behind_a_symbolic_link(good, tiny_model_dir, tmp_path, command):
+    """The one check precompute and merge run too: no symbolic link anywhere in the cache."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copytree(good / "train", cache / "train")
+    shutil.copy(good / "rejects.jsonl", cache / "rejects.jsonl")
+    outside = tmp_path / "elsewhere" / "manifest.json"
+    outside.parent.mkdir()
+    shutil.copy(good / "manifest.json", outside)
+    (cache / "manifest.json").symlink_to(outside)
+    args = {"verify": ["cache", "verify", cache], "inspect": ["cache", "inspect", cache],
+            "train": ["train", "--cache", cache, "--model", tiny_model_dir, "--output", tmp_path / "run", "--iters", 1]}
+    result = run(*args[command])
+    assert result.exit_code == 1 and f"{cache / 'manifest.json'}: a symbolic link inside the cache" in result.output
+
+
+def test_readers_refuse_a_link_the_manifest_does_not_name(cache):
+    (cache / "train" / "part-00009.parquet").symlink_to(cache / "train" / "part-00000.parquet")
+    result = run("cache", "verify", "--quick", cache)
+    assert result.exit_code == 1 and "part-00009.parquet: a symbolic link inside the cache" in result.output
+
+
+def test_merge_refuses_a_part_whose_split_folder_is_a_symbolic_link(tiny_model_dir, standard_data, tmp_path):
+    parts = [tmp_path / "p0", tmp_path / "p1"]
+    for i, part in enumerate(parts):
+        result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", part,
+                     "--rows-per-shard", 5, "--num-shards", 2, "--shard-index", i)
+        assert result.exit_code == 0, result.output
+    outside = tmp_path / "elsewhere"
+    (parts[1] / "train").rename(outside)
+    (parts[1] / "train").symlink_to(outside)
+    result = run("cache", "merge", tmp_path / "merged", *parts)
+    assert result.exit_code == 1 and f"{parts[1] / 'train'}: a symbolic link inside the cache" in result.output
+    assert not (tmp_path / "merged" / "manifest.json").exists()
+
+
+def test_train_names_a_manifest_without_a_dtype_and_says_re_run_precompute(cache, tiny_model_dir, tmp_path):
+    from mlx_dpo.schemas import identity_hash
+
+    def drop_dtype(manifest):
+        manifest["identity_fields"].pop("dtype")
+        manifest["identity"] = identity_hash(manifest["identity_fields"])
+    edit_manifest(cache, drop_dtype)
+    result = run("train", "--cache", cache, "--model", tiny_model_dir, "--output", tmp_path / "run", "--iters", 1)
+    assert result.exit_code == 1 and "KeyError" not in result.output, result.output
+    assert f"{cache / 'manifest.json'}: identity_fields lack dtype" in result.output and "re-run precompute" in result.output
+
+
+@pytest.mark.parametrize("replace, named", [(lambda p: (p.unlink(), p.mkdir()), "is a folder, not a Parquet file"),
+                                            (lambda p: p.write_bytes(b"x" * p.stat().st_size), "not a readable Parquet file")])
+def test_inspect_names_a_shard_that_is_not_a_parquet_file(cache, replace, named):
+    shard = cache / "train" / "part-00000.parquet"
+    replace(shard)
+    result = run("cache", "inspect", cache)
+    assert result.exit_code == 1 and f"{shard}: " in result.output and named in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 def test_a_cache_of_an_older_schema_is_refused_with_re_run_precompute(cache, tiny_model_dir, standard_data, tmp_path):
     from mlx_dpo.schemas import SCHEMA_VERSION
 

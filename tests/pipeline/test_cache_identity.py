@@ -1,0 +1,198 @@
+"""The identity hashes exactly what decides the cached values, as the loaders read it (issue 10):
+the tokenizer's whole behaviour (not a probe of it, nor today's date), the weights' tensors (not
+their file bytes), the model code mlx-lm runs, and hf_quant_config.json only where mlx-lm reads it."""
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from mlx_dpo.cli import cli
+from mlx_dpo.errors import UserError
+from mlx_dpo.models import tensors_hash
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def precompute(model, data, out, *extra):
+    result = run("precompute", "--model", model, "--data", data, "--out", out, *extra)
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "manifest.json").read_text())
+
+
+def logps(cache):
+    table = pq.read_table(sorted((cache / "train").glob("part-*.parquet")))
+    return sorted(zip(*(table[c].to_pylist() for c in ("index", "ref_chosen_logps", "ref_rejected_logps"))))
+
+
+def rows_of(cache):
+    table = pq.read_table(sorted((cache / "train").glob("part-*.parquet")))
+    return sorted(table.to_pylist(), key=lambda r: r["index"])
+
+
+# ---- the tokenizer
+
+def _drop_unprobed_merge(model, data_text):
+    """Remove one BPE merge that a probe string never uses but the data does: vocabulary, special
+    tokens and chat template stay the same, the data's token ids change."""
+    from tokenizers import Tokenizer
+
+    from mlx_dpo.schemas.identity import _PROBE as probe
+    spec = json.loads((model / "tokenizer.json").read_text())
+    base = Tokenizer.from_str(json.dumps(spec))
+    for i in reversed(range(len(spec["model"]["merges"]))):
+        changed = json.loads(json.dumps(spec))
+        changed["model"]["merges"].pop(i)
+        tokenizer = Tokenizer.from_str(json.dumps(changed))
+        if tokenizer.encode(probe).ids == base.encode(probe).ids and \
+                tokenizer.encode(data_text).ids != base.encode(data_text).ids:
+            (model / "tokenizer.json").write_text(json.dumps(changed))
+            return
+    pytest.skip("no merge used by the data but not by the probe")
+
+
+def _strip_after_role_tokens(model, data_text):
+    """Role tokens with rstrip=True absorb the whitespace after them: the rendered conversation is the
+    same text, its token ids are not."""
+    spec = json.loads((model / "tokenizer.json").read_text())
+    for token in spec["added_tokens"]:
+        if token["content"] in ("<|system|>", "<|user|>", "<|assistant|>"):
+            token["rstrip"] = True
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+
+
+@pytest.mark.parametrize("change, data", [(_drop_unprobed_merge, "standard_data"),
+                                          (_strip_after_role_tokens, "conversational_data")])
+def test_a_tokenizer_change_that_changes_token_ids_changes_the_identity(tiny_model_dir, change, data, request, tmp_path):
+    data = request.getfixturevalue(data)
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_model_dir, changed)
+    change(changed, data.read_text())
+    before = precompute(tiny_model_dir, data, tmp_path / "before")
+    after = precompute(changed, data, tmp_path / "after")
+    assert logps(tmp_path / "before") != logps(tmp_path / "after")  # the cached values differ...
+    assert before["identity"] != after["identity"]  # ...so the identity does
+    result = run("precompute", "--model", changed, "--data", data, "--out", tmp_path / "before")
+    assert result.exit_code == 1 and "tokenizer differs" in result.output and "Reusing cache" not in result.output
+
+
+def test_tokenizer_files_written_in_another_format_keep_the_identity(tiny_model_dir, standard_data, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    precompute(tiny_model_dir, standard_data, tmp_path / "cache")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).write_text(json.dumps(json.loads((model / name).read_text()), indent=3, sort_keys=True))
+    result = run("precompute", "--model", model, "--data", standard_data, "--out", tmp_path / "cache")
+    assert result.exit_code == 0 and "Reusing cache" in result.output, result.output
+
+
+def test_train_accepts_its_own_tokenizer_the_day_after(tiny_model_dir, conversational_data, tmp_path, monkeypatch):
+    """A template printing today's date (Llama 3.2's strftime_now("%d %b %Y")) counts by its text: the
+    same tokenizer the next day is the same tokenizer."""
+    import datetime as real
+
+    from transformers.utils import chat_template_utils
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    template = (model / "chat_template.jinja").read_text()
+    dated = template.replace("{{ bos_token }}", "{{ bos_token }}{{ '<|system|>\nToday Date: ' + "
+                                                "strftime_now('%d %b %Y') + '\n' }}", 1)
+    assert dated != template
+    (model / "chat_template.jinja").write_text(dated)
+
+    def on(day):
+        class Clock(real.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return real.datetime(2026, 11, day, 12, 0, 0)
+        monkeypatch.setattr(chat_template_utils, "datetime", Clock)
+
+    on(29)
+    precompute(model, conversational_data, tmp_path / "cache")
+    on(30)
+    result = run("train", "--cache", tmp_path / "cache", "--model", model, "--output", tmp_path / "run", "--iters", 1,
+                 "--batch-size", 2)
+    assert result.exit_code == 0 and "tokenizer differs" not in result.output, result.output
+
+
+# ---- what mlx-lm loads: model code, quantization settings, tensors
+
+def test_the_model_file_mlx_lm_runs_is_part_of_the_identity(tiny_model_dir, standard_data, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    code = ("from mlx_lm.models.llama import Model as _Base, ModelArgs\n"
+            "SCALE = {}\n"
+            "class Model(_Base):\n"
+            "    def __call__(self, *a, **k):\n"
+            "        return super().__call__(*a, **k) * SCALE\n")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_file": "custom.py"}))
+    (model / "custom.py").write_text(code.format(1.0))
+    first = precompute(model, standard_data, tmp_path / "first", "--trust-remote-code")
+    (model / "custom.py").write_text(code.format(3.0))
+    second = precompute(model, standard_data, tmp_path / "second", "--trust-remote-code")
+    assert logps(tmp_path / "first") != logps(tmp_path / "second")
+    assert first["identity"] != second["identity"]
+
+
+def test_an_hf_quant_config_mlx_lm_does_not_read_keeps_the_identity(tiny_model_dir, standard_data, tmp_path):
+    """mlx-lm reads hf_quant_config.json only when config.json has no quantization_config."""
+    from mlx_lm import convert
+
+    quantized = tmp_path / "q"
+    convert(str(tiny_model_dir), mlx_path=str(quantized), quantize=True, q_group_size=32, q_bits=4)
+    assert "quantization_config" in json.loads((quantized / "config.json").read_text())
+    first = precompute(quantized, standard_data, tmp_path / "first")
+    (quantized / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"},
+                                                                "quantization": {"quant_algo": "FP8"}}))
+    second = precompute(quantized, standard_data, tmp_path / "second")
+    assert rows_of(tmp_path / "first") == rows_of(tmp_path / "second")  # mlx-lm did not read it
+    assert first["identity"] == second["identity"]
+
+
+def test_the_same_tensors_saved_again_are_the_reference(standard_cache, tiny_model_dir, tmp_path):
+    """Other file bytes (tensor order, metadata), the same tensors: train starts at exactly ln 2 and
+    does not call the policy other weights."""
+    import mlx.core as mx
+
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_model_dir, policy)
+    weights = mx.load(str(policy / "model.safetensors"))
+    mx.save_safetensors(str(policy / "model.safetensors"), weights, metadata={"format": "pt"})
+    assert (policy / "model.safetensors").read_bytes() != (tiny_model_dir / "model.safetensors").read_bytes()
+    result = run("train", "--cache", standard_cache, "--model", policy, "--output", tmp_path / "run", "--iters", 1,
+                 "--batch-size", 4, "--steps-per-report", 1)
+    assert result.exit_code == 0, result.output
+    first = next(json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in line)
+    assert abs(first["loss"] - 0.6931471805599453) < 1e-6  # it IS the reference
+    assert "are not the cache's reference" not in result.output, result.output
+
+
+def test_the_tensors_hash_reads_names_dtypes_shapes_and_every_data_byte(tiny_model_dir, tmp_path):
+    import mlx.core as mx
+
+    weights = mx.load(str(tiny_model_dir / "model.safetensors"))
+    names = sorted(weights)
+    mx.save_safetensors(str(tmp_path / "a.safetensors"), {n: weights[n] for n in names[: len(names) // 2]})
+    mx.save_safetensors(str(tmp_path / "b.safetensors"), {n: weights[n] for n in names[len(names) // 2:]})
+    base = tensors_hash([tiny_model_dir / "model.safetensors"])
+    assert tensors_hash([tmp_path / "a.safetensors", tmp_path / "b.safetensors"]) == base  # split in two files
+    changes = {"one value": {**weights, names[0]: weights[names[0]] + 1e-3},
+               "dtype": {**weights, names[0]: weights[names[0]].astype(mx.float16)},
+               "shape": {**weights, names[0]: weights[names[0]].reshape(-1)},
+               "name": {**{n: weights[n] for n in names[1:]}, names[0] + "x": weights[names[0]]}}
+    for what, changed in changes.items():
+        mx.save_safetensors(str(tmp_path / "c.safetensors"), changed)
+        assert tensors_hash([tmp_path / "c.safetensors"]) != base, what
+    data = (tiny_model_dir / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
+    with pytest.raises(UserError, match="cut.safetensors: tensor .* is cut short"):
+        tensors_hash([tmp_path / "cut.safetensors"])
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(UserError, match="junk.safetensors: not a readable safetensors file"):
+        tensors_hash([tmp_path / "junk.safetensors"])
