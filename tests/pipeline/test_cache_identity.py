@@ -11,7 +11,6 @@ from click.testing import CliRunner
 
 from mlx_dpo.cli import cli
 from mlx_dpo.errors import UserError
-from mlx_dpo.models import tensors_hash
 
 
 def run(*args):
@@ -176,6 +175,8 @@ def test_the_same_tensors_saved_again_are_the_reference(standard_cache, tiny_mod
 def test_the_tensors_hash_reads_names_dtypes_shapes_and_every_data_byte(tiny_model_dir, tmp_path):
     import mlx.core as mx
 
+    from mlx_dpo.models import tensors_hash
+
     weights = mx.load(str(tiny_model_dir / "model.safetensors"))
     names = sorted(weights)
     mx.save_safetensors(str(tmp_path / "a.safetensors"), {n: weights[n] for n in names[: len(names) // 2]})
@@ -196,3 +197,25 @@ def test_the_tensors_hash_reads_names_dtypes_shapes_and_every_data_byte(tiny_mod
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(UserError, match="junk.safetensors: not a readable safetensors file"):
         tensors_hash([tmp_path / "junk.safetensors"])
+
+
+def test_a_sentencepiece_tokenizer_is_fingerprinted_by_its_model_file(tmp_path):
+    """A tokenizer without a `tokenizers` backend (SentencePiece): its model file is hashed, so a change
+    the vocabulary does not show (a piece's score, which decides segmentation) changes the fingerprint."""
+    spm = pytest.importorskip("sentencepiece")
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers import BertGenerationTokenizer
+
+    from mlx_dpo.schemas import tokenizer_fingerprint
+
+    (tmp_path / "corpus.txt").write_text("\n".join(f"the quick brown fox jumps over the lazy dog {i} times" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "a"), vocab_size=50,
+                                   model_type="bpe", minloglevel=2)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((tmp_path / "a.model").read_bytes())
+    proto.pieces[10].score -= 5
+    (tmp_path / "b.model").write_bytes(proto.SerializeToString())
+    a, b = (BertGenerationTokenizer(vocab_file=str(tmp_path / f"{n}.model")) for n in "ab")
+    assert not hasattr(a, "backend_tokenizer") and a.get_vocab() == b.get_vocab()
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(BertGenerationTokenizer(vocab_file=str(tmp_path / "a.model")))
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
