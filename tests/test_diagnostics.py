@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+import tiny_models
 from mlx_dpo.cli import cli
 from mlx_dpo.diagnostics import SplitDiagnostics, differing_tokens, readings, split_diagnostics
 from mlx_dpo.schemas import SCHEMA_VERSION, Manifest, ShardInfo, SplitInfo, write_json_atomic
@@ -37,7 +38,7 @@ def write_split(root: Path, split: str, rows: list[dict]) -> SplitInfo:
 def make_cache(root: Path, splits: dict[str, list[dict]]) -> Path:
     root.mkdir(parents=True)
     infos = {name: write_split(root, name, rows) for name, rows in splits.items()}
-    manifest = Manifest(schema_version=SCHEMA_VERSION, identity="ab" * 32, identity_fields={"tokenizer": "cd" * 32, "options": {}},
+    manifest = Manifest(schema_version=SCHEMA_VERSION, identity="ab" * 32, identity_fields=tiny_models.identity_fields(),
                         reference_model="some/model", max_length=64, truncation_mode="keep_start", splits=infos,
                         rejects_file="rejects.jsonl", created_at="2025-01-02T03:04:05+00:00")
     write_json_atomic(root / "manifest.json", manifest.to_json())

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+import tiny_models
 from mlx_dpo.cli import cli
 from mlx_dpo.schemas import SCHEMA_VERSION, Manifest, ShardInfo, SplitInfo, write_json_atomic
 
@@ -19,9 +20,6 @@ SCHEMA = pa.schema([("index", pa.int64()), ("prompt_ids", TOKENS), ("chosen_ids"
 # With K rejected answers per prompt, the rejected columns hold K values per row.
 SEVERAL_REJECTED = {"rejected_ids": pa.list_(TOKENS), "ref_rejected_logps": pa.list_(pa.float32()),
                     "n_rejected_tokens": pa.list_(pa.int32())}
-# A complete set of identity fields (readers refuse a manifest lacking one).
-FIELDS = {"schema_version": SCHEMA_VERSION, "reference_weights": "ef" * 32, "dtype": "float32", "tokenizer": "cd" * 32,
-          "tokenization_rules": 1, "data": {}, "options": {}}
 
 
 def invoke(*args):
@@ -49,7 +47,7 @@ def make_cache(root: Path, identity: str = "ab" * 32, rejected=None, schema=SCHE
     (root / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
     split = SplitInfo(rows_in=6, rows_cached=4, rows_rejected=2, rejected_by_reason={"prompt fills max_length": 2},
                       completion_tokens=20, shards=[ShardInfo("train/part-00000.parquet", 4, part.stat().st_size, "-")])
-    manifest = Manifest(schema_version=SCHEMA_VERSION, identity=identity, identity_fields=FIELDS,
+    manifest = Manifest(schema_version=SCHEMA_VERSION, identity=identity, identity_fields=tiny_models.identity_fields(),
                         reference_model="some/model", max_length=6, truncation_mode="keep_start",
                         splits={"train": split}, rejects_file="rejects.jsonl", created_at="2025-01-02T03:04:05+00:00")
     write_json_atomic(root / "manifest.json", manifest.to_json())

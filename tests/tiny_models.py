@@ -56,6 +56,16 @@ _CORPUS = [
 # --------------------------------------------------------------------------------------------------- data
 
 
+def identity_fields(**changes) -> dict:
+    """A complete set of cache identity fields for hand-built manifests (readers refuse one lacking a field)."""
+    from mlx_dpo.schemas import SCHEMA_VERSION
+    from mlx_dpo.schemas.identity import TOKENIZATION_RULES
+
+    fields = {"schema_version": SCHEMA_VERSION, "reference_weights": "ef" * 32, "dtype": "float32",
+              "tokenizer": "cd" * 32, "tokenization_rules": TOKENIZATION_RULES, "data": {}, "options": {}}
+    return {**fields, **changes}
+
+
 def standard_rows() -> list[dict]:
     """~12 prompt/chosen/rejected string rows of varied lengths.
 
