@@ -10,6 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+import tiny_models
 from mlx_dpo.cli import cli
 from mlx_dpo.report import load_run
 from mlx_dpo.report_pairs import plot_pairs, shorten
@@ -42,7 +43,7 @@ def run_dir(tmp_path, tiny_model_dir):
         [("index", pa.int64()), ("prompt_ids", TOKENS), ("chosen_ids", TOKENS), ("rejected_ids", TOKENS)])), part)
     split = SplitInfo(rows_in=6, rows_cached=6, rows_rejected=0, rejected_by_reason={}, completion_tokens=0,
                       shards=[ShardInfo("valid/part-00000.parquet", 6, part.stat().st_size, "-")])
-    manifest = Manifest(schema_version=SCHEMA_VERSION, identity="ab" * 32, identity_fields={}, reference_model="m", max_length=64,
+    manifest = Manifest(schema_version=SCHEMA_VERSION, identity="ab" * 32, identity_fields=tiny_models.identity_fields(), reference_model="m", max_length=64,
                         truncation_mode="keep_start", splits={"valid": split}, rejects_file="rejects.jsonl")
     write_json_atomic(cache / "manifest.json", manifest.to_json())
 

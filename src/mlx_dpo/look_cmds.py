@@ -24,7 +24,6 @@ def cache_inspect(cache_dir):
     """Show what CACHE holds: identity, schema, rows per split, token-length percentiles, reference
     log-prob distribution and rejected rows by reason."""
     from .inspect_cache import inspect_cache
-
     from .schemas.verify import check_cache
 
     manifest = read_cache_manifest(cache_dir)
