@@ -26,6 +26,8 @@ from .trainer.config import TrainConfig
 def _click_type(annotation):
     if typing.get_origin(annotation) is types.UnionType:  # e.g. int | None
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is tuple:  # tuple[str, ...]: a repeatable option
+        annotation = typing.get_args(annotation)[0]
     return {int: int, float: float, str: str, bool: bool}[annotation]
 
 
@@ -44,7 +46,8 @@ def config_options(config_cls):
             if kind is bool:
                 command = click.option(flag, f.name, is_flag=True, **shared)(command)
             else:
-                command = click.option(flag, f.name, type=kind, **shared)(command)
+                multiple = typing.get_origin(f.type) is tuple
+                command = click.option(flag, f.name, type=kind, multiple=multiple, **shared)(command)
         return command
 
     return decorate
@@ -53,6 +56,12 @@ def config_options(config_cls):
 def _file_value(f: dataclasses.Field, value, where: str):
     """A YAML value as its field's type, as on the command line: YAML reads 1e-5 (no dot) as a string."""
     kind = _click_type(f.type)
+    if typing.get_origin(f.type) is tuple:  # a list in the file, or one value
+        return tuple(_typed(kind, v, where) for v in (value if isinstance(value, list) else [value]))
+    return _typed(kind, value, where)
+
+
+def _typed(kind: type, value, where: str):
     if value is None or type(value) is kind:
         return value
     if kind in (float, str) and type(value) in (int, float):  # 1 for 1.0; a number where text is expected
@@ -81,7 +90,7 @@ def build_config(config_cls, cli_values: dict, config_file: str | None):
             if name not in fields:
                 raise UserError(f"{config_file}: unknown option {key!r}")
             values[name] = _file_value(fields[name], value, f"{config_file}: {key}")
-    values.update({k: v for k, v in cli_values.items() if v is not None})
+    values.update({k: v for k, v in cli_values.items() if v is not None and v != ()})  # () : not given
     missing = [f.name for f in dataclasses.fields(config_cls)
                if f.default is dataclasses.MISSING and f.name not in values]
     if missing:

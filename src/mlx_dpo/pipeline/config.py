@@ -27,6 +27,8 @@ class PrecomputeConfig:
     shard_index: int = field(default=0, metadata={"group": "Output", "help": "Which of the --num-shards jobs this is (0-based)."})
     overwrite: bool = field(default=False, metadata={"group": "Output", "help": "Rebuild the cache at --out from scratch (removing only cache files: manifest, rejects, <split>/part-*), whatever it holds."})
     strict: bool = field(default=False, metadata={"group": "Data", "help": "Fail if any row would be rejected, instead of skipping it into rejects.jsonl."})
+    reuse_from: tuple[str, ...] = field(default=(), metadata={"group": "Output", "help": "Also reuse the reference values of rows this cache (local or s3://; repeatable) already scored with the same reference; the caches beside --out are always searched."})
+    no_reuse: bool = field(default=False, metadata={"group": "Output", "help": "Run every row through the reference model, even rows another cache of the same reference already scored."})
     trust_remote_code: bool = field(default=False, metadata={"group": "Model", "help": "Allow the model directory's own Python code (custom tokenizer or model file) to run."})
 
     def __post_init__(self):

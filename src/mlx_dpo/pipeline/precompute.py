@@ -26,6 +26,7 @@ from .identity import identity_fields
 from .load import load_splits
 from .lock import cache_lock
 from .reference import score_rows
+from .reuse import build_index, is_scored, source_caches
 from .shards import (
     clear_layout,
     finish,
@@ -201,6 +202,7 @@ def _build(run: _Run, input_splits: dict, staging: bool, workers: int, worker: i
     barrier(group)
     mine = owned(tasks, workers, worker)
     started = time.perf_counter()
+    reused = _reuse(run, encoded, rejected_per_prompt, staging, worker == 0)
     _compute(run, mine, encoded, positions, rejected_per_prompt, worker == 0)
 
     base = dict(identity=identity, identity_fields=run.fields, reference_model=cfg.model, max_length=cfg.max_length,
@@ -214,9 +216,19 @@ def _build(run: _Run, input_splits: dict, staging: bool, workers: int, worker: i
     barrier(group)  # every rank's shards are on disk
     if main:
         manifest = finish(out, tasks, base)
-        run.log(_summary(manifest, time.perf_counter() - started))
+        run.log(_summary(manifest, time.perf_counter() - started, reused))
     barrier(group)  # the manifest is written
     return manifest if main else read_manifest(out)
+
+
+def _reuse(run: _Run, encoded: dict, rejected_per_prompt: int, staging: bool, show: bool) -> dict:
+    """Fill in the rows other caches of the same reference already scored (pipeline/reuse.py);
+    per split, how many rows came from each source."""
+    if run.cfg.no_reuse:
+        return {}
+    log = run.log if show else (lambda line: None)
+    sources = source_caches(run.out, run.cfg.reuse_from, scan_parent=not staging, log=log)
+    return build_index(sources, run.fields, log).fill(encoded, rejected_per_prompt)
 
 
 def _compute(run: _Run, tasks, encoded: dict, positions: dict, rejected_per_prompt: int, show: bool) -> None:
@@ -224,8 +236,10 @@ def _compute(run: _Run, tasks, encoded: dict, positions: dict, rejected_per_prom
     cfg, out = run.cfg, run.out
     todo = [t for t in tasks if not is_complete(t, out, run.identity)]
     chunks = {t: encoded[t.split][t.start : t.start + t.rows] for t in todo}
-    total = sum(_row_tokens(r, cfg.max_length) for chunk in chunks.values() for r in chunk if isinstance(r, dict))
-    model = load_model(run.model_path, cfg.trust_remote_code, run.dtype) if todo else None  # none to do: never load it
+    misses = {t: [r for r in chunk if isinstance(r, dict) and not is_scored(r)] for t, chunk in chunks.items()}
+    total = sum(_row_tokens(r, cfg.max_length) for rows in misses.values() for r in rows)
+    # Nothing to score (all reused or resumed): never load the model.
+    model = load_model(run.model_path, cfg.trust_remote_code, run.dtype) if any(misses.values()) else None
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
     with tqdm(total=total, unit="tok", unit_scale=True, desc="reference log-probs", smoothing=0.1,
               disable=not show or None) as progress:
@@ -233,17 +247,25 @@ def _compute(run: _Run, tasks, encoded: dict, positions: dict, rejected_per_prom
             rejects = [{"split": task.split, "index": positions[task.split][task.start + i], "reason": r}
                        for i, r in enumerate(chunk) if isinstance(r, str)]  # input positions, as `index` is
             rows = [r for r in chunk if isinstance(r, dict)]
-            _score_into(rows, model, pad_id, cfg, progress)
+            _score_into(misses[task], model, pad_id, cfg, progress)
             _check_finite(rows, task.split, cfg.model)
             write_sidecar(task, out, run.identity, rejects)  # before the shard, which marks completion
             table = _shard_table(rows, run.identity, run.fields, rejected_per_prompt, task.row_range())
             write_shard(table, task.path(out), out)
 
 
-def _summary(manifest: Manifest, seconds: float) -> str:
-    lines = []
+def _summary(manifest: Manifest, seconds: float, reused: dict) -> str:
+    """Rows per split: cached and rejected; with rows reused, where the cached rows' values came from."""
+    lines, any_reused = [], any(sum(c.values()) for c in reused.values())
     for name, s in manifest.splits.items():
         reasons = _format_reasons(s.rejected_by_reason)
         rejected = f"{s.rows_rejected:,} rejected" + (f": {reasons}" if reasons else "")
-        lines.append(f"  {name}: {s.rows_in:,} rows: {s.rows_cached:,} cached, {rejected}")
+        if not any_reused:
+            lines.append(f"  {name}: {s.rows_in:,} rows: {s.rows_cached:,} cached, {rejected}")
+            continue
+        counts = reused.get(name, {})
+        sources = [f"{n:,} reused from {label}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+        computed = f"{s.rows_cached - sum(counts.values()):,} computed"
+        lines.append(f"  {name}: {s.rows_in:,} rows: " + ", ".join(sources + [computed])
+                     + (f", {rejected}" if s.rows_rejected else ""))
     return f"Cache {manifest.identity[:12]} written in {seconds:.1f}s\n" + "\n".join(lines)
