@@ -16,6 +16,8 @@ import pyarrow.fs as pafs
 import pytest
 from click.testing import CliRunner
 
+import tiny_models
+
 from mlx_dpo import remote
 from mlx_dpo.cli import cli
 
@@ -211,3 +213,13 @@ def test_manifest_paths_outside_the_cache_are_refused(s3, uploaded):
     with s3.open_output_stream(f"{BUCKET}/caches/escape/manifest.json") as stream:
         stream.write(json.dumps(manifest).encode())
     one_line_error(run("cache", "verify", url), f"{url}: manifest path '../c1/train/part-00000.parquet' points outside")
+
+
+def test_precompute_reuses_rows_of_a_remote_cache(s3, uploaded, tiny_model_dir, tmp_path):
+    """--reuse-from s3://...: the cache is mirrored (sha256 on the way), verified, and its rows reused."""
+    new = [{"prompt": "Name a colour:", "chosen": " blue.", "rejected": " seven."}]
+    data = tiny_models.write_jsonl(tmp_path / "more.jsonl", tiny_models.standard_rows() + new)
+    result = run("precompute", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "alone" / "c",
+                 "--rows-per-shard", 8, "--reuse-from", CACHE_URL)
+    assert result.exit_code == 0, result.output
+    assert f"train: 13 rows: 12 reused from {CACHE_URL}, 1 computed" in result.output

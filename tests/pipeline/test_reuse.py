@@ -67,8 +67,10 @@ def assert_like_fresh(cache, model, data, tmp_path, *extra):
             [(r["index"], r["chosen_ids"], r["rejected_ids"]) for r in theirs]
         for a, b in zip(ours, theirs):
             assert (a["n_chosen_tokens"], a["n_rejected_tokens"]) == (b["n_chosen_tokens"], b["n_rejected_tokens"])
-            for column in VALUE_COLUMNS:
-                assert abs(a[column] - b[column]) <= rounding(b[column]), (split, a["index"], column, a[column], b[column])
+            for column in [c for c in VALUE_COLUMNS if c in b]:  # K > 1: no LD-DPO tails, K values each
+                pairs = zip(a[column], b[column], strict=True) if isinstance(b[column], list) else [(a[column], b[column])]
+                for x, y in pairs:
+                    assert abs(x - y) <= rounding(y), (split, a["index"], column, x, y)
     verified = run("cache", "verify", cache)
     assert verified.exit_code == 0, verified.output
 
@@ -157,3 +159,14 @@ def test_reuse_from_a_cache_elsewhere(standard_cache, tiny_model_dir, tmp_path):
     output = precompute(tiny_model_dir, data, out, "--reuse-from", standard_cache)
     cached = manifest_of(standard_cache)["splits"]["train"]["rows_cached"]
     assert f"{cached} reused from {standard_cache}, 3 computed" in output
+
+
+def test_rows_with_several_rejected_answers_match_by_all_their_lists(tiny_model_dir, tmp_path):
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": [r["rejected"], " no."]} for r in NEW_ROWS]
+    first = tiny_models.write_jsonl(tmp_path / "k2.jsonl", rows[:2])
+    precompute(tiny_model_dir, first, tmp_path / "caches" / "k1")
+    changed = {**rows[1], "rejected": [rows[1]["rejected"][0], " maybe."]}  # one of its K answers differs
+    data = tiny_models.write_jsonl(tmp_path / "k2-more.jsonl", [rows[2], rows[0], changed])
+    output = precompute(tiny_model_dir, data, tmp_path / "caches" / "k2")
+    assert f"train: 3 rows: 1 reused from {tmp_path / 'caches' / 'k1'}, 2 computed" in output
+    assert_like_fresh(tmp_path / "caches" / "k2", tiny_model_dir, data, tmp_path)
