@@ -60,6 +60,18 @@ def test_yaml_values_take_their_fields_type(tmp_path):
         build_config(TrainConfig, {}, str(config))
 
 
+def test_a_repeatable_option_from_the_command_line_and_yaml(tmp_path):
+    """--reuse-from is repeatable; in YAML a list (or one value); an option not given keeps the file's."""
+    config = tmp_path / "pre.yaml"
+    config.write_text("model: m\ndata: d\nout: o\nreuse_from: [a, s3://b/c]\n")
+    assert build_config(PrecomputeConfig, {"reuse_from": ()}, str(config)).reuse_from == ("a", "s3://b/c")
+    assert build_config(PrecomputeConfig, {"reuse_from": ("x",)}, str(config)).reuse_from == ("x",)
+    config.write_text("model: m\ndata: d\nout: o\nreuse_from: a\n")
+    assert build_config(PrecomputeConfig, {}, str(config)).reuse_from == ("a",)
+    options = {p.name: p for p in precompute_command.params}
+    assert options["reuse_from"].multiple and options["no_reuse"].is_flag
+
+
 def test_ultrafeedback_rows_become_prompt_and_last_turns():
     spec = importlib.util.spec_from_file_location(
         "prepare_data", ROOT / "examples/qwen2.5-0.5b-ultrafeedback/prepare_data.py")
