@@ -17,7 +17,6 @@ import pytest
 from click.testing import CliRunner
 
 import tiny_models
-
 from mlx_dpo import remote
 from mlx_dpo.cli import cli
 
