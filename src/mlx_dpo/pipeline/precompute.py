@@ -26,7 +26,7 @@ from .identity import identity_fields
 from .load import load_splits
 from .lock import cache_lock
 from .reference import score_rows
-from .reuse import build_index, is_scored, source_caches
+from .reuse import fill_from, is_scored, source_caches
 from .shards import (
     clear_layout,
     finish,
@@ -228,7 +228,7 @@ def _reuse(run: _Run, encoded: dict, rejected_per_prompt: int, staging: bool, sh
         return {}
     log = run.log if show else (lambda line: None)
     sources = source_caches(run.out, run.cfg.reuse_from, scan_parent=not staging, log=log)
-    return build_index(sources, run.fields, log).fill(encoded, rejected_per_prompt)
+    return fill_from(sources, run.fields, encoded, rejected_per_prompt, log)
 
 
 def _compute(run: _Run, tasks, encoded: dict, positions: dict, rejected_per_prompt: int, show: bool) -> None:

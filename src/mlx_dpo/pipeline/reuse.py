@@ -40,38 +40,30 @@ def row_key(row: dict, rejected_per_prompt: int) -> bytes:
     return hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).digest()
 
 
-class ReuseIndex:
-    """Row key -> (source label, {value column: value}) over the usable source caches."""
+def _wanted(encoded: dict[str, list], rejected_per_prompt: int) -> dict[bytes, list[tuple[str, dict]]]:
+    """Row key -> the (split, row) that have it (a row may repeat), for every encoded row not yet scored."""
+    wanted = {}
+    for split, rows in encoded.items():
+        for row in rows:
+            if isinstance(row, dict) and not is_scored(row):  # rejected rows are reason strings
+                wanted.setdefault(row_key(row, rejected_per_prompt), []).append((split, row))
+    return wanted
 
-    def __init__(self):
-        self.values: dict[bytes, tuple[str, dict]] = {}
 
-    def add_cache(self, label: str, cache: Path, manifest) -> int:
-        """Index every cached row of a verified cache; returns how many rows it added (first source wins)."""
-        added, k = 0, manifest.rejected_per_prompt
-        for split in manifest.splits.values():
-            for shard in split.shards:
-                table = pq.read_table(inside(cache, shard.path))
-                columns = [name for name in table.column_names if name != "index"]
-                for row in table.select(columns).to_pylist():
-                    key = row_key(row, k)
-                    if key not in self.values:
-                        self.values[key] = (label, {n: v for n, v in row.items() if n not in ID_COLUMNS})
-                        added += 1
-        return added
-
-    def fill(self, encoded: dict[str, list], rejected_per_prompt: int) -> dict[str, Counter]:
-        """Give every encoded row (dicts; rejected rows are reason strings) found in the index its
-        reference values, in place; returns per split how many rows came from each source."""
-        counts = {}
-        for split, rows in encoded.items():
-            counts[split] = Counter()
-            for row in rows:
-                if isinstance(row, dict) and (hit := self.values.get(row_key(row, rejected_per_prompt))):
-                    label, values = hit
-                    row.update(values)
-                    counts[split][label] += 1
-        return counts
+def _take(label: str, cache: Path, manifest, wanted: dict, counts: dict[str, Counter]) -> None:
+    """Copy the values of the cache's rows found in `wanted` into those rows, in place (and out of `wanted`)."""
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            if not wanted:
+                return
+            table = pq.read_table(inside(cache, shard.path))
+            ids = table.select(list(ID_COLUMNS)).to_pylist()
+            hits = [(i, key) for i, row in enumerate(ids) if (key := row_key(row, manifest.rejected_per_prompt)) in wanted]
+            values = [c for c in table.column_names if c != "index" and c not in ID_COLUMNS]
+            for (_, key), found in zip(hits, table.select(values).take([i for i, _ in hits]).to_pylist()):
+                for name, row in wanted.pop(key, []):  # a row repeated within one shard: the first copy
+                    row.update(found)
+                    counts[name][label] += 1
 
 
 def is_scored(row: dict) -> bool:
@@ -99,22 +91,28 @@ def source_caches(out: Path, reuse_from: tuple[str, ...], scan_parent: bool, log
     return found
 
 
-def build_index(sources: list[tuple[str, Path]], fields: dict, log: Callable) -> ReuseIndex:
-    """Index the sources of the same reference as `fields`, each after the full check of `cache
-    verify` (sha256, schema, identity, values, accounting); every source left out is said so."""
-    index, wanted = ReuseIndex(), reference_fields(fields)
+def fill_from(sources: list[tuple[str, Path]], fields: dict, encoded: dict[str, list],
+              rejected_per_prompt: int, log: Callable) -> dict[str, Counter]:
+    """Give every encoded row a source of the same reference as `fields` scored its reference values,
+    in place; per split, how many rows came from each source. Each source is used only after the full
+    check of `cache verify` (sha256, schema, identity, values, accounting); every source left out is
+    said so. Sources after the one that leaves no row to find are not read."""
+    wanted, reference = _wanted(encoded, rejected_per_prompt), reference_fields(fields)
+    counts = {split: Counter() for split in encoded}
     for label, path in sources:
+        if not wanted:
+            break
         try:
             manifest = read_manifest(path)
         except ValueError as error:  # an older schema, an unreadable manifest
             log(f"{label}: not reused: {error}")
             continue
         theirs = reference_fields(manifest.identity_fields)
-        if theirs != wanted:
-            log(f"{label}: not reused: another reference ({describe_difference(theirs, wanted)})")
+        if theirs != reference:
+            log(f"{label}: not reused: another reference ({describe_difference(theirs, reference)})")
             continue
         if problems := check_cache(path, manifest, full=True):
             log(f"{label}: not reused: fails verification ({problems[0]})")
             continue
-        index.add_cache(label, path, manifest)
-    return index
+        _take(label, path, manifest, wanted, counts)
+    return counts
