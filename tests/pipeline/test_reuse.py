@@ -100,7 +100,7 @@ def test_appended_rows_compute_only_the_new_ones(v1, tiny_model_dir, tmp_path):
 
 def test_a_filtered_subset_and_a_reordered_file_compute_nothing(v1, tiny_model_dir, tmp_path):
     rows = tiny_models.standard_rows()
-    for name, subset in [("subset", rows[::2]), ("reordered", rows[::-1])]:
+    for name, subset in [("subset", rows[::2]), ("reordered", rows[::-1]), ("first-shard-only", rows[:3])]:
         data = tiny_models.write_jsonl(tmp_path / f"{name}.jsonl", subset)
         out = tmp_path / "caches" / name
         output = precompute(tiny_model_dir, data, out)

@@ -59,6 +59,8 @@ def _take(label: str, cache: Path, manifest, wanted: dict, counts: dict[str, Cou
             table = pq.read_table(inside(cache, shard.path))
             ids = table.select(list(ID_COLUMNS)).to_pylist()
             hits = [(i, key) for i, row in enumerate(ids) if (key := row_key(row, manifest.rejected_per_prompt)) in wanted]
+            if not hits:
+                continue
             values = [c for c in table.column_names if c != "index" and c not in ID_COLUMNS]
             for (_, key), found in zip(hits, table.select(values).take([i for i, _ in hits]).to_pylist()):
                 for name, row in wanted.pop(key, []):  # a row repeated within one shard: the first copy
