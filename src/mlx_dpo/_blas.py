@@ -10,6 +10,7 @@ Set MLX_DPO_OPENBLAS=0 to skip all of this.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -107,3 +108,21 @@ def load_openblas() -> str:
             status = f"failed: {error}"
             warnings.warn(f"mlx-dpo: could not load OpenBLAS ({error}); matmuls will be slow", stacklevel=2)
     return status
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None):
+    """OpenBLAS at `n` threads inside the block (None: unchanged), when we loaded it; restored after.
+    Two MLX CPU streams each running matmuls want one BLAS thread each, not two each."""
+    handle = None
+    if n is not None and status.startswith("loaded"):
+        handle = ctypes.CDLL(status.split(" from ", 1)[1])
+    if handle is None:
+        yield
+        return
+    before = handle.openblas_get_num_threads()
+    handle.openblas_set_num_threads(n)
+    try:
+        yield
+    finally:
+        handle.openblas_set_num_threads(before)

@@ -1,13 +1,25 @@
 """THE sequence log-prob function. The pipeline (reference) and the trainer (policy) both call it,
-so the two stages score the same tokens the same way, bit for bit on the same batch."""
+so the two stages score the same tokens the same way.
+
+How (see DESIGN.md "Log-probs"): the transformer body runs over the batch; then the LM head and the
+vocabulary log-sum-exp run only at the scored positions (completion tokens), in chunks whose float32
+[positions, V] logits stay within LOGITS_CHUNK_BYTES whatever V, recomputed in the backward pass
+(mx.checkpoint) rather than stored. `plain_sequence_logps` is the direct computation over full
+logits: the oracle the tests compare with, and the path for models whose head we do not recognise.
+"""
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
+from .packing import SCORE_MULTIPLE, SegmentMask
 from .schemas.sequence import rejected_id_lists, truncate_sequence
 
-# Positions per logsumexp chunk: bounds the float32 temporary of the vocabulary softmax.
-_CHUNK_POSITIONS = 1024
+# Bytes of float32 logits one chunk of positions may hold: the log-prob memory above the body.
+LOGITS_CHUNK_BYTES = 256 * 2**20
+# mlx-lm architectures whose logits are exactly head(model.model(ids)), head = lm_head or the tied
+# embedding (checked by tests/trainer/test_logps_chunked.py); others take the plain path.
+HEAD_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
 
 
 def collate_pairs(
@@ -51,41 +63,135 @@ def split_chosen_rejected(values, pairs: int, several: bool):
     return chosen, rejected
 
 
-def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
-    """log softmax(logits)[targets] in float32, without materialising the full log-softmax.
+def score_plan(completion_mask, multiple: int = SCORE_MULTIPLE) -> np.ndarray:
+    """Where the scored tokens are, computed on the host from a (N, T) completion mask.
 
-    logits: (N, T, V); targets: (N, T) -> (N, T).
+    Token t is predicted from position t-1, so the scored positions are the set entries of
+    mask[:, 1:]. Returns int32 (4, M), M rounded up to `multiple` (the extra columns have weight 0),
+    rows: index into the flattened (N, T-1) positions, sequence (its row), weight (1 or 0),
+    rank (1, 2, ... along each row's scored tokens; for LD-DPO's tail).
     """
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(mx.float32)
-    n, t, _ = logits.shape
-    if t <= _CHUNK_POSITIONS:
-        normaliser = mx.logsumexp(logits.astype(mx.float32), axis=-1)
-    else:
-        normaliser = mx.concatenate(
-            [
-                mx.logsumexp(logits[:, s : s + _CHUNK_POSITIONS].astype(mx.float32), axis=-1)
-                for s in range(0, t, _CHUNK_POSITIONS)
-            ],
-            axis=1,
-        )
-    return picked - normaliser
+    mask = np.asarray(completion_mask)[:, 1:] != 0
+    rows, cols = np.nonzero(mask)
+    count = len(rows)
+    plan = np.zeros((4, max(-(-count // multiple) * multiple, multiple)), np.int32)
+    plan[:, :count] = [rows * mask.shape[1] + cols, rows, np.ones(count), np.cumsum(mask, axis=1)[rows, cols]]
+    return plan
+
+
+def lm_head(model):
+    """The model's LM head as a function hidden (..., D) -> logits (..., V), or None when its logits
+    are not a plain head over `model.model` (an architecture we have not checked)."""
+    if type(model).__module__ not in HEAD_MODULES:
+        return None
+    return model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear
+
+
+def chunk_positions(vocab_size: int, budget: int = LOGITS_CHUNK_BYTES) -> int:
+    """Positions per chunk so that the [positions, V] float32 temporaries stay within `budget` bytes.
+
+    MLX's scheduler runs ahead of the computation by several ops, so the logits of one chunk, their
+    exp and the next chunks' buffers are alive together: measured ~7 [chunk, V] float32 arrays at
+    the peak (tests/trainer/test_logps_chunked.py), hence 8.
+    """
+    return max(1, budget // (8 * 4 * vocab_size))
+
+
+def _token_terms(head, hidden: mx.array, targets: mx.array, chunk: int) -> mx.array:
+    """log softmax(head(hidden))[targets] for (M, D) hidden and (M,) targets -> (M,) float32.
+
+    A custom VJP: forward and backward each walk the positions `chunk` at a time, one chunk after
+    the other (mx.depends; a free scheduler would interleave them and hold every chunk's logits),
+    and the backward recomputes each chunk's logits instead of storing them. The head's trainable
+    weights (a tied embedding being trained, say) get their gradient too.
+    """
+    module = getattr(head, "__self__", head)  # the embedding behind a tied head's as_linear
+    keys = [k for k, _ in tree_flatten(module.trainable_parameters())]
+    starts = range(0, hidden.shape[0], chunk)
+
+    def terms(h, t, leaves):
+        if keys:
+            module.update(tree_unflatten(list(zip(keys, leaves))))
+        logits = head(h).astype(mx.float32)  # (chunk, V): the only [positions, V] temporary
+        return mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+
+    @mx.custom_function
+    def scored(hidden, targets, *leaves):
+        parts = []
+        for s in starts:
+            h = hidden[s : s + chunk] if not parts else mx.depends(hidden[s : s + chunk], parts[-1])
+            parts.append(terms(h, targets[s : s + chunk], leaves))
+        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    @scored.vjp
+    def scored_vjp(primals, cotangent, _):
+        hidden, targets, *leaves = primals
+        grads, leaf_grads = [], [mx.zeros_like(v) for v in leaves]
+        for s in starts:
+            h = hidden[s : s + chunk] if not grads else mx.depends(hidden[s : s + chunk], grads[-1])
+            t = targets[s : s + chunk]
+            _, (gh, *gl) = mx.vjp(lambda h, *lv, t=t: terms(h, t, lv), [h, *leaves], [cotangent[s : s + chunk]])
+            grads.append(gh)
+            leaf_grads = [a + b for a, b in zip(leaf_grads, gl)]
+        return (mx.concatenate(grads) if len(grads) > 1 else grads[0], mx.zeros_like(targets), *leaf_grads)
+
+    leaves = [v for _, v in tree_flatten(module.trainable_parameters())]
+    return scored(hidden, targets, *leaves)
 
 
 def sequence_logps(
-    model, input_ids: mx.array, completion_mask: mx.array, shared_lengths: mx.array | None = None
+    model, input_ids: mx.array, completion_mask: mx.array, shared_lengths: mx.array | None = None,
+    plan: mx.array | None = None, *, budget: int = LOGITS_CHUNK_BYTES,
+    segments: mx.array | None = None, sequences: int | None = None,
 ) -> tuple[mx.array, ...]:
     """Sum of log p(token | prefix) over completion tokens, per sequence.
 
-    input_ids, completion_mask: (N, T). Token t is predicted from logits at t-1, so the mask is
-    shifted by one and position 0 is never scored. Right padding needs no attention mask: under a
-    causal mask, pads only come after the real tokens. Returns (logps (N,), token counts (N,)).
-    With `shared_lengths` (N,), also the sum over completion tokens past the first
+    input_ids, completion_mask: (N, T). Token t is predicted from position t-1, so position 0 is
+    never scored. Right padding needs no attention mask: under a causal mask, pads only come after
+    the real tokens. `plan`: score_plan(completion_mask) as an mx array; required inside a compiled
+    function (the positions come from the host), built here otherwise. Returns (logps (N,), token
+    counts (N,)); with `shared_lengths` (N,), also the sum over completion tokens past the first
     shared_lengths ones (the "tail" of LD-DPO, Liu et al. 2024).
+    Packed rows (mlx_dpo.packing): `segments` (N, T) and `plan` from pack_sequences, and the number
+    of packed `sequences`; the results are then per sequence.
     """
+    head = lm_head(model)
+    if head is None:
+        if segments is not None:
+            raise ValueError(f"{type(model).__module__}: packed rows are not supported for this architecture")
+        return plain_sequence_logps(model, input_ids, completion_mask, shared_lengths)
+    index, sequence, weight, rank = mx.array(score_plan(np.asarray(completion_mask))) if plan is None else plan
+    n = input_ids.shape[0] if sequences is None else sequences
+    if segments is None:
+        hidden = model.model(input_ids[:, :-1])  # (N, T-1, D)
+    else:  # one stand-in cache per layer, all making the same block-diagonal mask
+        hidden = model.model(input_ids[:, :-1], cache=[SegmentMask(segments[:, :-1])] * len(model.layers))
+    hidden = hidden.reshape(-1, hidden.shape[-1])[index]  # (M, D)
+    targets = input_ids[:, 1:].reshape(-1)[index]  # (M,)
+    vocab = model.args.vocab_size
+    terms = _token_terms(head, hidden, targets, chunk_positions(vocab, budget)) * weight
+    sums = mx.zeros((n,), mx.float32).at[sequence].add(terms)
+    counts = mx.zeros((n,), mx.float32).at[sequence].add(weight.astype(mx.float32))
+    if shared_lengths is None:
+        return sums, counts
+    past = rank > shared_lengths[sequence]
+    return sums, counts, mx.zeros((n,), mx.float32).at[sequence].add(terms * past)
+
+
+def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
+    """log softmax(logits)[targets] in float32. logits: (N, T, V); targets: (N, T) -> (N, T)."""
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(mx.float32)
+    return picked - mx.logsumexp(logits.astype(mx.float32), axis=-1)
+
+
+def plain_sequence_logps(
+    model, input_ids: mx.array, completion_mask: mx.array, shared_lengths: mx.array | None = None
+) -> tuple[mx.array, ...]:
+    """sequence_logps computed directly: the model's full (N, T-1, V) logits, a log-softmax
+    normaliser at every position, then the completion mask. The oracle of the tests."""
     logits = model(input_ids[:, :-1])  # (N, T-1, V)
-    targets = input_ids[:, 1:]
     mask = completion_mask[:, 1:].astype(mx.float32)
-    per_token = token_logps(logits, targets) * mask  # (N, T-1)
+    per_token = token_logps(logits, input_ids[:, 1:]) * mask  # (N, T-1)
     sums, counts = per_token.sum(axis=-1), mask.sum(axis=-1)
     if shared_lengths is None:
         return sums, counts

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_dpo.logps import collate_pairs, sequence_logps, token_logps
+from mlx_dpo.logps import collate_pairs, sequence_logps
 
 
 class FixedLogits:
@@ -41,21 +41,6 @@ def test_first_token_is_never_scored():
     logps, counts = sequence_logps(FixedLogits(logits), mx.array([[1, 1]]), mx.array([[1, 1]]))
     assert counts.tolist() == [1]
     assert logps.item() == pytest.approx(math.log(0.5), abs=1e-6)
-
-
-def test_token_logps_chunked_equals_plain(monkeypatch):
-    import mlx_dpo.logps as module
-
-    rng = np.random.default_rng(0)
-    logits = mx.array(rng.normal(size=(2, 10, 7)).astype(np.float32) * 5)
-    targets = mx.array(rng.integers(0, 7, size=(2, 10)))
-    expected = token_logps(logits, targets)
-    monkeypatch.setattr(module, "_CHUNK_POSITIONS", 3)
-    chunked = token_logps(logits, targets)
-    full = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    plain = mx.take_along_axis(full, targets[..., None], axis=-1)[..., 0]
-    assert np.allclose(np.array(chunked), np.array(plain), atol=1e-5)
-    assert np.allclose(np.array(expected), np.array(plain), atol=1e-5)
 
 
 def test_collate_pairs_layout():

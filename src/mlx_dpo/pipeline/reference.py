@@ -1,11 +1,14 @@
 """③ The reference model's log-probs for encoded rows, in length-sorted batches."""
 
+import contextlib
+import os
 from collections.abc import Iterator
 
 import mlx.core as mx
 import numpy as np
 
-from ..logps import collate_pairs, sequence_logps, shared_lengths, split_chosen_rejected
+from .._blas import blas_threads
+from ..logps import LOGITS_CHUNK_BYTES, collate_pairs, sequence_logps, shared_lengths, split_chosen_rejected
 from ..schemas.sequence import pair_length
 
 
@@ -24,6 +27,45 @@ def length_sorted_batches(lengths: list[int], tokens_per_batch: int, sequences_p
     if current:
         batches.append(current)
     return batches
+
+
+_STREAMS: list = []
+
+
+def forward_streams() -> list:
+    """Where the two halves of each batch run: on CPU one stream per core (MLX runs each stream's
+    non-matmul ops on one thread, so a single stream leaves the second core idle outside matmuls),
+    at most 2; on GPU the default stream."""
+    if not _STREAMS:
+        count = min(2, os.cpu_count() or 1) if mx.default_device() == mx.cpu else 1
+        _STREAMS.extend([mx.new_stream(mx.cpu) for _ in range(count)] if count > 1 else [None])
+    return _STREAMS
+
+
+def batch_logps(model, input_ids: np.ndarray, completion_mask: np.ndarray, shared=None, streams=None):
+    """sequence_logps of a (N, T) batch, as the even rows and the odd rows, each half cut to its own
+    longest row. The halves are the same whatever the number of streams they run on, so the values
+    are too (bit for bit at the same BLAS threads per matmul: OpenBLAS rounds differently at 1 and 2
+    threads). Returns numpy (logps, tokens[, tails]), each (N,)."""
+    streams = forward_streams() if streams is None else streams
+    lengths = completion_mask.shape[1] - np.argmax(completion_mask[:, ::-1] != 0, axis=1)
+    halves, outputs = [np.arange(0, len(input_ids), 2), np.arange(1, len(input_ids), 2)], []
+    for i, rows in enumerate(halves):
+        width = int(lengths[rows].max())
+        with mx.stream(streams[i % len(streams)]) if streams[0] is not None else contextlib.nullcontext():
+            part = None if shared is None else mx.array(np.asarray(shared)[rows])
+            outputs.append(sequence_logps(model, mx.array(input_ids[rows, :width]),
+                                          mx.array(completion_mask[rows, :width]), part,
+                                          budget=LOGITS_CHUNK_BYTES // 2))  # two halves may run at once
+    with blas_threads(max(1, (os.cpu_count() or 1) // 2) if len(streams) > 1 else None):  # a core each
+        mx.eval(outputs)
+    merged = []
+    for values in zip(*outputs):
+        out = np.empty(len(input_ids), np.float32)
+        for rows, v in zip(halves, values):
+            out[rows] = np.array(v)
+        merged.append(out)
+    return merged
 
 
 def score_rows(
@@ -46,10 +88,8 @@ def score_rows(
         input_ids, completion_mask = collate_pairs(
             [rows[i] for i in batch], max_length, truncation_mode, pad_id
         )
-        mask = mx.array(completion_mask)
-        shared = None if several else shared_lengths(mask, len(batch))
-        outputs = sequence_logps(model, mx.array(input_ids), mask, shared)
-        mx.eval(outputs)
+        shared = None if several else shared_lengths(completion_mask, len(batch))
+        outputs = batch_logps(model, input_ids, completion_mask, shared)
         names = ["logps", "tokens", "tail_logps"]
         columns = {}
         for name, values in zip(names, outputs):

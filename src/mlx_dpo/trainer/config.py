@@ -44,6 +44,7 @@ class TrainConfig:
     lora_rank: int = field(default=8, metadata={"group": "Model", "help": "LoRA/DoRA rank."})
     lora_scale: float = field(default=20.0, metadata={"group": "Model", "help": "LoRA/DoRA scale (mlx-lm's 'scale', not alpha)."})
     lora_dropout: float = field(default=0.0, metadata={"group": "Model", "help": "Dropout on the LoRA input."})
+    grad_checkpoint: bool = field(default=False, metadata={"group": "Model", "help": "Recompute each transformer block's activations in the backward pass instead of storing them (mlx-lm's option): less memory, more compute; same loss and gradients."})
     trust_remote_code: bool = field(default=False, metadata={"group": "Model", "help": "Allow the model directory's own Python code (custom tokenizer or model file) to run."})
     # optimisation
     iters: int = field(default=1000, metadata={"group": "Optimisation", "help": "Optimizer steps."})

@@ -20,4 +20,8 @@ def prepare_policy(model: nn.Module, cfg: TrainConfig) -> int:
     else:
         lora = {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout}
         linear_to_lora_layers(model, cfg.num_layers, lora, use_dora=cfg.fine_tune_type == "dora")
+    if cfg.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])  # mlx-lm's: patches the block class, so every block recomputes
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))

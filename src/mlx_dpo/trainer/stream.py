@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..logps import collate_pairs
+from ..logps import collate_pairs, score_plan
 from ..schemas.sequence import pair_length
 
 ROW_COLUMNS = ["index", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
@@ -26,6 +26,7 @@ class Batch:
     ref_rejected_logps: np.ndarray  # (B,), or (B, K) with K rejected answers per prompt
     indices: np.ndarray  # (B,) input-row indices, for tracing a batch back to the data
     weights: np.ndarray  # (B,) float32: 1, or 0 for a stand-in row of a rank left without rows
+    plan: np.ndarray  # (4, M) int32: where the scored tokens are (mlx_dpo.logps.score_plan)
     ref_chosen_tail_logps: np.ndarray | None = None  # (B,), with --ld-alpha
     ref_rejected_tail_logps: np.ndarray | None = None
 
@@ -131,6 +132,7 @@ class PairStream:
         return Batch(
             input_ids=input_ids,
             completion_mask=completion_mask,
+            plan=score_plan(completion_mask),
             ref_chosen_logps=np.array([r["ref_chosen_logps"] for r in rows], dtype=np.float32),
             ref_rejected_logps=np.array([r["ref_rejected_logps"] for r in rows], dtype=np.float32),
             indices=np.array([r["index"] for r in rows], dtype=np.int64),

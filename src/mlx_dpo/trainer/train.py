@@ -33,7 +33,7 @@ MAX_SKIPPED_IN_A_ROW = 3
 
 
 def make_loss_fn(loss_options: dict, ld_alpha: float | None = None):
-    """loss_fn(model, input_ids, completion_mask, ref_chosen, ref_rejected, weights, scale[, tails])
+    """loss_fn(model, input_ids, completion_mask, plan, ref_chosen, ref_rejected, weights, scale[, tails])
     -> (loss, (metrics, ntoks)) for preference_loss(**loss_options).
 
     `weights` (B,) are the pairs' weights (0 for stand-in rows); `scale` (2,) is 1 / (global pairs,
@@ -44,14 +44,15 @@ def make_loss_fn(loss_options: dict, ld_alpha: float | None = None):
     beta, reference_free = options["beta"], options.get("reference_free", False)
     pair_types, pair_weights, token_weight = split_token_losses(options.pop("loss_type"), options.pop("loss_weights", None))
 
-    def loss_fn(model, input_ids, completion_mask, ref_chosen_logps, ref_rejected_logps, weights, scale,
+    def loss_fn(model, input_ids, completion_mask, plan, ref_chosen_logps, ref_rejected_logps, weights, scale,
                 ref_chosen_tail_logps=None, ref_rejected_tail_logps=None, pair_values=False):
         pairs, several = ref_chosen_logps.shape[0], ref_rejected_logps.ndim == 2
         if ld_alpha is None:
-            plain, ntoks = sequence_logps(model, input_ids, completion_mask)  # ((1+K)B,)
+            plain, ntoks = sequence_logps(model, input_ids, completion_mask, plan=plan)  # ((1+K)B,)
             logps = plain
         else:  # LD-DPO (Liu et al. 2024): tokens past the shorter answer count with weight α
-            plain, ntoks, tail = sequence_logps(model, input_ids, completion_mask, shared_lengths(completion_mask, pairs))
+            shared = shared_lengths(completion_mask, pairs)
+            plain, ntoks, tail = sequence_logps(model, input_ids, completion_mask, shared, plan=plan)
             logps = plain - (1 - ld_alpha) * tail
             ref_chosen_logps = ref_chosen_logps - (1 - ld_alpha) * ref_chosen_tail_logps
             ref_rejected_logps = ref_rejected_logps - (1 - ld_alpha) * ref_rejected_tail_logps
@@ -95,7 +96,7 @@ def named_metrics(vector: list[float], token_weight: float) -> dict:
 
 
 def _arrays(batch: Batch, scale) -> tuple[mx.array, ...]:
-    arrays = [batch.input_ids, batch.completion_mask, batch.ref_chosen_logps, batch.ref_rejected_logps,
+    arrays = [batch.input_ids, batch.completion_mask, batch.plan, batch.ref_chosen_logps, batch.ref_rejected_logps,
               batch.weights]
     tails = [batch.ref_chosen_tail_logps, batch.ref_rejected_tail_logps] if batch.ref_chosen_tail_logps is not None else []
     return (*(mx.array(a) for a in arrays), scale, *(mx.array(a) for a in tails))
