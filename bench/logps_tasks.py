@@ -1,6 +1,6 @@
 """Figure 5, one task per process: `python bench/logps_tasks.py TASK '{spec}'`.
 
-logps_memory: peak memory of one log-prob pass (ours, a plain log_softmax, a chunked lm_head proposal);
+logps_memory: peak memory of one log-prob pass (ours: chunked at the scored positions; a plain log_softmax);
 token_logps_memory: the temporaries of the log-softmax alone; lse_speed: the vocabulary normaliser in MLX
 and numpy (why variants.py tries numpy for it).
 """
@@ -27,24 +27,6 @@ def _model_and_batch(model: str, seq: int, rows: int):
     return m, ids, mask
 
 
-def chunked_sequence_logps(model, input_ids, completion_mask, chunk: int = 256):
-    """Proposal for the precompute (no gradient): the lm_head and the softmax normaliser per chunk of
-    positions, each chunk evaluated before the next, so at most (N, chunk, V) logits exist at once."""
-    import mlx.core as mx
-
-    hidden = model.model(input_ids[:, :-1])  # (N, T-1, D)
-    head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear
-    targets = input_ids[:, 1:]
-    parts = []
-    for s in range(0, hidden.shape[1], chunk):
-        logits = head(hidden[:, s : s + chunk]).astype(mx.float32)  # (N, chunk, V)
-        picked = mx.take_along_axis(logits, targets[:, s : s + chunk, None], axis=-1)[..., 0]
-        parts.append(picked - mx.logsumexp(logits, axis=-1))
-        mx.eval(parts[-1])  # one lazy graph would hold every chunk's logits until the end
-    mask = completion_mask[:, 1:].astype(mx.float32)
-    return (mx.concatenate(parts, axis=1) * mask).sum(-1), mask.sum(-1)
-
-
 def logps_memory(model: str, variant: str, seq: int, rows: int = 1) -> dict:
     """Peak memory above the loaded weights and inputs of one log-prob pass (N=rows, T=seq)."""
     import mlx.core as mx
@@ -61,16 +43,15 @@ def logps_memory(model: str, variant: str, seq: int, rows: int = 1) -> dict:
         out = m.model(ids[:, :-1]).sum()
     elif variant == "ours":
         out = sequence_logps(m, ids, mask)[0]
-    elif variant == "chunked":
-        out = chunked_sequence_logps(m, ids, mask)[0]
     elif variant == "plain":
         logp = nn.log_softmax(m(ids[:, :-1]).astype(mx.float32), axis=-1)  # (N, T-1, V)
         out = (mx.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0] * mask[:, 1:]).sum(-1)
     mx.eval(out)
     seconds = time.perf_counter() - tic
+    from mlx_dpo.logps import LOGITS_CHUNK_BYTES
     logits_bytes = rows * (seq - 1) * m.args.vocab_size * 4
     return dict(vocab=m.args.vocab_size, seq=seq, rows=rows, extra_peak_bytes=mx.get_peak_memory() - base,
-                logits_bytes=logits_bytes, seconds=round(seconds, 3))
+                logits_bytes=logits_bytes, seconds=round(seconds, 3), chunk_budget_bytes=LOGITS_CHUNK_BYTES)
 
 
 def token_logps_memory(vocab: int, seq: int, variant: str, rows: int = 1) -> dict:

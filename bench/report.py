@@ -1,8 +1,6 @@
-"""results.json -> the targets of issue #7 (met / missed, with the measured value) and results.md."""
+"""results.json -> the targets of issues #7 and #13 (met / missed, with the measured value) and results.md."""
 
 from __future__ import annotations
-
-SRC_CHUNK_POSITIONS = 1024  # mlx_dpo.logps._CHUNK_POSITIONS: token_logps' logsumexp chunk
 
 
 def get(d, *keys):
@@ -40,30 +38,32 @@ def targets(res: dict) -> list[dict]:
     r = _ratio(get(res, "precompute", "ours", "best_half_model_gflops"), sgemm_peak(res))
     out.append(_target("precompute model FLOP/s >= 50% of measured sgemm peak", _fmt(r, "{:.0%}"), r and r >= 0.5))
     r = _ratio(get(res, "precompute", "ours", "best_half_tokens_per_s"), get(res, "precompute", "trl", "best_half_tokens_per_s"))
-    out.append(_target("precompute tokens/s >= 2x TRL's precompute", _fmt(r, "{:.2f}x"), r and r >= 2))
+    out.append(_target("precompute tokens/s >= 1.5x TRL's precompute", _fmt(r, "{:.2f}x"), r and r >= 1.5))
+    for key, vocab, speed, memory in (("train", "32k", 2.0, 0.6), ("train_vocab", "152k", 2.5, 0.4)):
+        for ft in ("lora", "full"):
+            t = get(res, key, ft) or {}
+            cached, peer = get(t, "cached", "step_s"), get(t, "mlx_lm_lora", "step_s")
+            r = _ratio(peer, cached)
+            out.append(_target(f"{ft}, V={vocab}: cached step >= {speed}x faster than mlx-lm-lora", _fmt(r, "{:.2f}x faster"),
+                               r and r >= speed))
+            for name, field in (("peak", "mlx_peak_bytes"), ("max RSS", "max_rss_bytes")):
+                r = _ratio(get(t, "cached", field), get(t, "mlx_lm_lora", field))
+                out.append(_target(f"{ft}, V={vocab}: {name} <= {memory}x mlx-lm-lora's", _fmt(r, "{:.2f}x"), r and r <= memory))
     for ft in ("lora", "full"):
-        t = res["train"][ft]
-        cached, online, peer = (get(t, k, "step_s") for k in ("cached", "online", "mlx_lm_lora"))
-        r = _ratio(cached, online)
+        r = _ratio(get(res, "train", ft, "cached", "step_s"), get(res, "train", ft, "online", "step_s"))
         out.append(_target(f"{ft}: cached-reference step <= 0.75x online-reference step", _fmt(r, "{:.2f}x"), r and r <= 0.75))
-        r = _ratio(peer, cached)
-        out.append(_target(f"{ft}: cached step >= 1.5x faster than mlx-lm-lora", _fmt(r, "{:.2f}x faster"), r and r >= 1.5))
-        c, o, w = get(t, "cached", "mlx_peak_bytes"), get(t, "online", "mlx_peak_bytes"), get(t, "online", "ref_weight_bytes")
-        ok = None if None in (c, o, w) else c <= o - 0.95 * w
-        saved = None if None in (c, o, w) else f"{(o - c) / 1e9:.2f} GB saved of {w / 1e9:.2f} GB reference weights"
-        out.append(_target(f"{ft}: peak <= online peak - 0.95x reference weights", saved or "n/a", ok))
-        r = _ratio(c, get(t, "mlx_lm_lora", "mlx_peak_bytes"))
-        out.append(_target(f"{ft}: peak <= 0.75x mlx-lm-lora's peak", _fmt(r, "{:.2f}x"), r and r <= 0.75))
     w = get(res, "padding", "ours_b4_x32")
-    out.append(_target("padding waste <= 5% (batch 4, default pad to x32)", _fmt(w, "{:.1%}"), None if w is None else w <= 0.05))
-    body, ours = get(res, "logps", "body", "extra_peak_bytes"), get(res, "logps", "ours_vocab", "extra_peak_bytes")
-    vocab = res["shapes"]["bench-vocab"]["vocab_size"]
-    seq = res["settings"]["logps_seq"]
-    chunk = min(seq - 1, SRC_CHUNK_POSITIONS) * vocab * 4
-    grow = None if None in (body, ours) else ours - body
-    out.append(_target(f"log-prob peak above the body <= one chunk's logits ({chunk / 1e9:.2f} GB at V={vocab}, "
-                       f"T={seq}: src chunks {SRC_CHUNK_POSITIONS} positions)",
-                       _fmt(grow and grow / 1e9, "{:.2f} GB"), None if grow is None else grow <= chunk))
+    out.append(_target("padding waste <= 3% (batch 4, PairStream as train runs it)", _fmt(w, "{:.1%}"), None if w is None else w <= 0.03))
+    c = get(res, "padding", "compiled_shapes_b4_x32")
+    out.append(_target("compiled step traced a handful of times per run (<= 5 input shapes per epoch)", _fmt(c, "{:,} shapes"),
+                       None if c is None else c <= 5))
+    budget = get(res, "logps", "ours_vocab", "chunk_budget_bytes")
+    grows = [None if None in (get(res, "logps", f"ours_{v}", "extra_peak_bytes"), get(res, "logps", f"body_{v}", "extra_peak_bytes"))
+             else get(res, "logps", f"ours_{v}", "extra_peak_bytes") - get(res, "logps", f"body_{v}", "extra_peak_bytes")
+             for v in ("125m", "vocab")]
+    ok = None if None in grows or budget is None else max(grows) <= budget
+    measured = "n/a" if None in grows else f"{grows[0] / 1e9:.3f} GB at V=32k, {grows[1] / 1e9:.3f} GB at V=152k"
+    out.append(_target(f"log-prob memory above the body <= the chunk budget ({_gb(budget)} GB), flat in V", measured, ok))
     return out
 
 
@@ -138,7 +138,8 @@ def _train_table(res) -> list[str]:
             "RSS = max resident set")
     lines = ["", head, "", "| | LoRA s/step | LoRA peak GB | LoRA RSS GB | full s/step | full peak GB | full RSS GB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    rows = (("cached", "`mlx-dpo train` (cached reference)"), ("online", "same trainer, online reference (bench only)"),
+    rows = (("cached", "`mlx-dpo train` (cached reference)"), ("grad_checkpoint", "same, `--grad-checkpoint`"),
+            ("online", "same trainer, online reference (bench only)"),
             ("mlx_lm_lora", "mlx-lm-lora DPO (reference copy)"), ("trl_precomputed", "TRL DPOTrainer, precomputed"),
             ("trl_online", "TRL DPOTrainer, online"))
     for key, label in rows:
@@ -150,6 +151,16 @@ def _train_table(res) -> list[str]:
             else:
                 cells += [f"{d['step_s']:.2f}", _gb(d.get("mlx_peak_bytes")) or "-", _gb(d.get("max_rss_bytes"))]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    tv = res.get("train_vocab")
+    if tv:
+        lines.append(f"| **bench-vocab (V={res['shapes']['bench-vocab']['vocab_size']:,})** | | | | | | |")
+        for key, label in (("cached", "`mlx-dpo train` (cached reference)"), ("mlx_lm_lora", "mlx-lm-lora DPO (reference copy)")):
+            cells = []
+            for ft in ("lora", "full"):
+                d = tv[ft].get(key)
+                cells += [_cell(d, "step_s"), "", ""] if d is None or "error" in d else \
+                    [f"{d['step_s']:.2f}", _gb(d.get("mlx_peak_bytes")) or "-", _gb(d.get("max_rss_bytes"))]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -165,28 +176,35 @@ def _padding_table(res) -> list[str]:
     for x in (32, 8):
         if f"ours_b4_split_x{x}" in p:
             lines.append(f"| candidate: chosen and rejected rows padded apart, x{x} | {p[f'ours_b4_split_x{x}']:.1%} | |")
+    for k, label in (("pack_longest", "packed rows as wide as the batch's longest sequence"),
+                     ("pack_one_row", "packed: the batch's 8 sequences in one row")):
+        if f"{k}_waste" in p:
+            lines.append(f"| {label} (attention scores {p[f'{k}_attention_scores_vs_padded']:.2f}x padded x8) | "
+                         f"{p[f'{k}_waste']:.1%} | |")
     lines.append(f"| mlx-lm-lora (sorted by chosen length) | {p['mlx_lm_lora_b4']:.1%} | |")
     lines.append(f"| TRL (random batches) | {p['trl_b4']:.1%} | |")
+    if "compiled_shapes_b4_x32" in p:
+        lines.append(f"\nDistinct input shapes of the compiled step over one epoch (batch 4, x32): "
+                     f"{p['compiled_shapes_b4_x32']} ({p['compiled_widths_b4_x32']} widths x scored-position counts "
+                     "padded to x64); each is one trace of the step.")
     return lines
 
 
 def _logps_table(res) -> list[str]:
     lg, s = res["logps"], res["settings"]
     v_small, v_big = res["shapes"]["bench-125m"]["vocab_size"], res["shapes"]["bench-vocab"]["vocab_size"]
-    lines = ["", f"**5. Log-prob pass**, one sequence of {s['logps_seq']} tokens: peak memory above the loaded weights "
-             "(GB), and seconds", "", f"| | V={v_small:,} | V={v_big:,} | seconds V={v_big:,} |", "|---|---:|---:|---:|"]
-    body = lg.get("body")
-    b = _gb(get(body, "extra_peak_bytes")) or _cell(body, "")
-    lines.append(f"| transformer body only (no lm_head) | | {b} | {_cell(body, 'seconds')} |")
-    for variant, label in (("ours", "`mlx_dpo.logps.sequence_logps`"), ("plain", "plain `log_softmax` over [B, T, V]"),
-                           ("chunked", "lm_head + logsumexp per 256 positions (proposal)")):
+    budget = get(lg, "ours_vocab", "chunk_budget_bytes")
+    lines = ["", f"**5. Log-prob pass**, one sequence of {s['logps_seq']} tokens (prompt = first third): peak memory "
+             f"above the loaded weights (GB), and seconds; chunk budget `LOGITS_CHUNK_BYTES` = {_gb(budget)} GB", "",
+             f"| | V={v_small:,} | V={v_big:,} | seconds V={v_small:,} | seconds V={v_big:,} |", "|---|---:|---:|---:|---:|"]
+    for variant, label in (("body", "transformer body only (no lm_head)"),
+                           ("ours", "`mlx_dpo.logps.sequence_logps` (scored positions, chunked)"),
+                           ("plain", "plain `log_softmax` over [B, T, V] (src before #13)")):
         small, big = lg.get(f"{variant}_125m"), lg.get(f"{variant}_vocab")
         lines.append(f"| {label} | {_gb(get(small, 'extra_peak_bytes')) or _cell(small, '')} | "
-                     f"{_gb(get(big, 'extra_peak_bytes')) or _cell(big, '')} | {_cell(big, 'seconds')} |")
+                     f"{_gb(get(big, 'extra_peak_bytes')) or _cell(big, '')} | {_cell(small, 'seconds')} | {_cell(big, 'seconds')} |")
     big = get(lg, "ours_vocab", "logits_bytes")
-    lines.append(f"\nThe float32 logits alone are {_gb(big)} GB at V={v_big:,}. On given logits (temporaries only): "
-                 f"`token_logps` {_gb(get(lg, 'token_logps_ours', 'extra_peak_bytes'))} GB, plain `log_softmax` "
-                 f"{_gb(get(lg, 'token_logps_plain', 'extra_peak_bytes'))} GB.")
+    lines.append(f"\nThe float32 logits alone are {_gb(big)} GB at V={v_big:,}.")
     sp = res.get("lse_speed", {})
     if "error" not in sp and sp:
         lines.append(f"Log-sum-exp over [{sp['rows']:,}, {sp['vocab']:,}]: `mx.logsumexp` {sp['mx_logsumexp_s']:.3f} s, "
@@ -196,29 +214,26 @@ def _logps_table(res) -> list[str]:
 
 
 def _variants_table(res) -> list[str]:
-    fv, tv = res.get("forward_variants"), res.get("train_variants")
-    if not fv:
-        return []
-    if "error" in fv:
-        return ["", f"**6. Candidate changes to src**: not run: {fv['error']}"]
-    lines = ["", f"**6. Candidate changes to src**, measured against src in one process, runs interleaved; fastest of "
-             f"{fv['reps']}. Precompute forward, bench-125m, {fv['rows']} x {fv['seq']} tokens (prompt = first third):", "",
-             "| variant | seconds | vs src | max abs diff of log-probs |", "|---|---:|---:|---:|"]
-    for name, label in (("src", "`sequence_logps` as in src"), ("compiled", "`mx.compile`d `sequence_logps`"),
-                        ("chunked", "lm_head + logsumexp per 256 positions, evaluated per chunk"),
-                        ("numpy_normaliser", "vocabulary log-sum-exp in numpy"),
-                        ("completion_only", "lm_head + log-sum-exp at completion positions only"),
-                        ("two_streams", "half the batch on each of 2 CPU streams, BLAS 1 thread"),
-                        ("two_streams_completion_only", "2 streams + completion positions only")):
-        if f"{name}_s" in fv:
-            lines.append(f"| {label} | {fv[f'{name}_s']:.3f} | {fv[f'{name}_vs_src']:.2f}x | {fv[f'{name}_max_abs_diff']:.1e} |")
+    lines = ["", "**6. Layouts measured against each other** in one process, runs interleaved; fastest of the runs."]
+    for key, model in (("forward_variants", "bench-125m"), ("forward_variants_vocab", "bench-vocab")):
+        fv = res.get(key)
+        if not fv or "error" in fv:
+            lines.append(f"\nPrecompute forward, {model}: not run: {fv and fv.get('error')}")
+            continue
+        lines += ["", f"Precompute forward, {model}, {fv['rows']} x {fv['seq']} tokens (prompt = first third):", "",
+                  "| layout | seconds | vs plain | max abs diff of log-probs |", "|---|---:|---:|---:|"]
+        for name, label in (("plain", "plain full logits, one stream (src before #13)"),
+                            ("one_stream", "src `batch_logps`, both halves on one stream"),
+                            ("two_streams", "src `batch_logps`, one stream per core (what precompute runs)")):
+            lines.append(f"| {label} | {fv[f'{name}_s']:.3f} | {fv[f'{name}_vs_plain']:.2f}x | {fv[f'{name}_max_abs_diff']:.1e} |")
+    tv = res.get("train_variants")
     if tv and "error" not in tv:
-        lines += ["", f"Train step ({tv['fine_tune']}, 4 pairs, compiled; widths {tv['widths']}):", "",
-                  "| variant | s/step | vs src | peak GB |", "|---|---:|---:|---:|"]
-        for name, label in (("src", "as in src (pad to x32)"), ("pad_x8", "pad to x8"),
-                            ("completion_only", "completion positions only"),
-                            ("pad_x8_completion_only", "pad to x8 + completion positions only")):
-            lines.append(f"| {label} | {tv[f'{name}_s']:.2f} | {tv[f'{name}_vs_src']:.2f}x | {_gb(tv.get(f'{name}_peak_bytes'))} |")
+        lines += ["", f"Train step ({tv['fine_tune']}, bench-125m, 4 pairs = {tv['real_tokens']:,} tokens, compiled):", "",
+                  "| layout | tokens in the batch | s/step | vs src | peak GB |", "|---|---:|---:|---:|---:|"]
+        for name, label in (("plain", "plain full logits (src before #13), pad x32"), ("src", "src, pad x32 (default)"),
+                            ("src_x8", "src, pad x8"), ("packed", "src, packed: one row, block-diagonal mask")):
+            lines.append(f"| {label} | {tv[f'{name}_padded_tokens']:,} | {tv[f'{name}_s']:.2f} | {tv[f'{name}_vs_src']:.2f}x | "
+                         f"{_gb(tv.get(f'{name}_peak_bytes'))} |")
     elif tv:
         lines.append(f"\nTrain step variants: not run: {tv['error']}")
     return lines

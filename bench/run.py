@@ -119,6 +119,9 @@ def run(mode: str, with_peers: bool) -> dict:
     step_cache = str(root / "cache-step")
     res["step_cache"] = task("precompute the step pairs", "tasks.py", "precompute", dict(
         model=model, data=paths["step_data"], out=step_cache, max_length=max_length))
+    vocab_cache = str(root / "cache-step-vocab")
+    res["step_cache_vocab"] = task("precompute the step pairs (bench-vocab)", "tasks.py", "precompute", dict(
+        model=vocab_model, data=paths["step_data"], out=vocab_cache, max_length=max_length))
     rows = str(root / "step_rows.json")
     import pyarrow.parquet as pq
 
@@ -131,6 +134,8 @@ def run(mode: str, with_peers: bool) -> dict:
         common = dict(model=model, fine_tune=ft, out=str(root / f"runs/{ft}"), **steps)
         train[ft] = {
             "cached": task(f"{ft}: ours, cached reference", "tasks.py", "train", dict(common, cache=step_cache, online=False)),
+            "grad_checkpoint": task(f"{ft}: ours, --grad-checkpoint", "tasks.py", "train",
+                                    dict(common, cache=step_cache, online=False, grad_checkpoint=True)),
             "online": task(f"{ft}: ours, online reference", "tasks.py", "train", dict(common, cache=step_cache, online=True)),
             "mlx_lm_lora": task(f"{ft}: mlx-lm-lora", "peers.py", "mlx_lm_lora_train", dict(common, rows=rows, openblas=openblas),
                                 python=peer) if peer else {"error": f"mlx-lm-lora not installed: {why}"},
@@ -139,6 +144,14 @@ def run(mode: str, with_peers: bool) -> dict:
         train["full"][label] = task(f"full: TRL, {label[4:]}", "peers.py", "trl_train", dict(
             model=model, data=paths["step_data"], precompute=precomputed, out=str(root / f"trl-{label}"), **steps))
         train["lora"][label] = {"error": "TRL LoRA needs peft, not installed"}
+    train_vocab = res["train_vocab"] = {}
+    for ft in ("lora", "full"):
+        common = dict(model=vocab_model, fine_tune=ft, out=str(root / f"runs-vocab/{ft}"), **steps)
+        train_vocab[ft] = {
+            "cached": task(f"{ft} V=152k: ours, cached reference", "tasks.py", "train", dict(common, cache=vocab_cache, online=False)),
+            "mlx_lm_lora": task(f"{ft} V=152k: mlx-lm-lora", "peers.py", "mlx_lm_lora_train", dict(common, rows=rows, openblas=openblas),
+                                python=peer) if peer else {"error": f"mlx-lm-lora not installed: {why}"},
+        }
 
     print("4. padding", flush=True)
     res["padding"] = task("batcher padding waste", "tasks.py", "padding", dict(
@@ -146,23 +159,19 @@ def run(mode: str, with_peers: bool) -> dict:
 
     print("5. log-prob memory and speed", flush=True)
     seq = m["logps_seq"]
-    lg = res["logps"] = {"body": task("transformer body only", "logps_tasks.py", "logps_memory",
-                                      dict(model=vocab_model, variant="body", seq=seq))}
+    lg = res["logps"] = {}
     for name, path in (("vocab", vocab_model), ("125m", model)):
-        for variant in ("ours", "plain", "chunked"):
+        for variant in ("body", "ours", "plain"):
             lg[f"{variant}_{name}"] = task(f"{variant}, {name}", "logps_tasks.py", "logps_memory",
                                            dict(model=path, variant=variant, seq=seq))
-    vocab = m["models"]["bench-vocab"]["vocab_size"]
-    for variant in ("ours", "plain"):
-        lg[f"token_logps_{variant}"] = task(f"token_logps {variant} on given logits", "logps_tasks.py",
-                                            "token_logps_memory", dict(vocab=vocab, seq=seq, variant=variant))
-
     print("6. optimisations (interleaved A/B in one process)", flush=True)
     res["lse_speed"] = task("log-sum-exp speed", "logps_tasks.py", "lse_speed", dict(
         rows=m["lse_rows"], vocab=m["models"]["bench-125m"]["vocab_size"]))
     rows_, seq_ = m["variants_batch"]
     res["forward_variants"] = task("precompute forward variants", "variants.py", "forward_variants", dict(
         model=model, rows=rows_, seq=seq_, reps=m["variants_reps"]))
+    res["forward_variants_vocab"] = task("precompute forward variants (bench-vocab)", "variants.py", "forward_variants",
+                                         dict(model=vocab_model, rows=rows_, seq=seq_, reps=m["variants_reps"]))
     res["train_variants"] = task("train step variants (LoRA)", "variants.py", "train_variants", dict(
         model=model, cache=step_cache, fine_tune="lora", reps=m["variants_reps"] - 1))
     return res
@@ -179,8 +188,9 @@ def main() -> None:
     tic = time.perf_counter()
     res = run(mode, with_peers=not args.no_peers)
     res["bench_seconds"] = round(time.perf_counter() - tic, 1)
-    res["targets"] = targets(res)
     stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")  # kept even if the report fails
+    res["targets"] = targets(res)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(res))
     print(f"\n{markdown(res)}\nWrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')} in {res['bench_seconds']:.0f}s")

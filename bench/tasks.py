@@ -102,7 +102,8 @@ def _cache_tokens(cache: str) -> int:
     return total
 
 
-def train(model: str, cache: str, fine_tune: str, online: bool, warmup: int, measured: int, out: str) -> dict:
+def train(model: str, cache: str, fine_tune: str, online: bool, warmup: int, measured: int, out: str,
+          grad_checkpoint: bool = False) -> dict:
     """Our train() on the cache; with `online`, the same trainer also loads the reference model and runs
     it inside every step (kept only here, as the baseline the cache removes)."""
     import mlx.core as mx
@@ -119,7 +120,7 @@ def train(model: str, cache: str, fine_tune: str, online: bool, warmup: int, mea
 
     cfg = TrainConfig(cache=cache, model=model, output=out, fine_tune_type=fine_tune, iters=warmup + measured,
                       batch_size=4, learning_rate=1e-6, steps_per_report=1, steps_per_eval=10**9,
-                      steps_per_save=10**9)
+                      steps_per_save=10**9, grad_checkpoint=grad_checkpoint)
     manifest = open_cache(cache)
     tokenizer = load_tokenizer(Path(model))
     mx.random.seed(cfg.seed)
@@ -132,10 +133,10 @@ def train(model: str, cache: str, fine_tune: str, online: bool, warmup: int, mea
         reference.freeze()
         cached_loss = loss_fn
 
-        def loss_fn(policy_, input_ids, completion_mask, ref_chosen_logps, ref_rejected_logps, weights, scale):
-            logps, _ = sequence_logps(reference, input_ids, completion_mask)
+        def loss_fn(policy_, input_ids, completion_mask, plan, ref_chosen_logps, ref_rejected_logps, weights, scale):
+            logps, _ = sequence_logps(reference, input_ids, completion_mask, plan=plan)
             chosen, rejected = split_chosen_rejected(mx.stop_gradient(logps), ref_chosen_logps.shape[0], False)
-            return cached_loss(policy_, input_ids, completion_mask, chosen, rejected, weights, scale)
+            return cached_loss(policy_, input_ids, completion_mask, plan, chosen, rejected, weights, scale)
 
         loss_fn.token_weight = cached_loss.token_weight
 
@@ -154,6 +155,7 @@ def train(model: str, cache: str, fine_tune: str, online: bool, warmup: int, mea
                steps_per_report=1, steps_per_eval=10**9, steps_per_save=10**9,
                on_report=lambda step, m: (seconds.append(m["ntoks"] / m["tokens_per_sec"]), cpu.append(time.process_time())))
     return dict(**step_stats(seconds, warmup), step_cpu_s=cpu_per_step(cpu, warmup), trainable_params=trainable,
+                vocab_size=policy.args.vocab_size, grad_checkpoint=grad_checkpoint,
                 padded_tokens=shapes[0][0], real_tokens=shapes[0][2], completion_tokens=shapes[0][1],
                 ref_weight_bytes=weight_bytes, mlx_peak_bytes=mlx_peak_bytes())
 
@@ -187,6 +189,12 @@ def padding(cache_rows: int, prompt_mean: int, response_mean: int, out: str) -> 
         return round(1 - real / padded, 4)
 
     out_ = {}
+    stream = PairStream([shard], batch_size=4, max_length=None, truncation_mode="keep_start", pad_id=0,
+                        shuffle=True, seed=0)
+    shapes = {(b.input_ids.shape, b.plan.shape) for [b] in stream.epoch(0)}
+    out_["compiled_shapes_b4_x32"] = len(shapes)  # the compiled step traces once per distinct input shape
+    out_["compiled_widths_b4_x32"] = len({s[0] for s in shapes})
+    out_.update(_packing_waste(shard))
     for multiple in (32, 8, 1):
         for batch_size in (4, 8):
             stream = PairStream([shard], batch_size=batch_size, max_length=None, truncation_mode="keep_start",
@@ -212,6 +220,37 @@ def padding(cache_rows: int, prompt_mean: int, response_mean: int, out: str) -> 
         padded = sum(2 * len(g) * max(max(p) for p in g) for g in groups)
         out_[name] = round(1 - real / padded, 4)
     return out_
+
+
+def _packing_waste(shard) -> dict:
+    """Padding of packed rows (mlx_dpo.packing) for PairStream's batches of 4 pairs: rows as wide as the
+    batch's longest sequence, or one row per batch (width rounded up to x8), and the attention scores
+    each layout computes (sum of rows x width^2; MLX's CPU attention computes masked scores too)."""
+    from mlx_dpo.packing import pack_sequences
+    from mlx_dpo.schemas.sequence import truncate_sequence
+    from mlx_dpo.trainer.stream import PairStream, iter_rows
+
+    rows = list(iter_rows([shard], None))
+    stream = PairStream([shard], batch_size=4, max_length=None, truncation_mode="keep_start", pad_id=0,
+                        shuffle=True, seed=0, pad_to_multiple=8)
+    out, by_index = {}, {r["index"]: r for r in rows}
+    totals = {k: [0, 0, 0] for k in ("padded_x8", "pack_longest", "pack_one_row")}  # real, padded, scores
+    for [b] in stream.epoch(0):
+        group = [by_index[int(i)] for i in b.indices]
+        seqs = [truncate_sequence(r["prompt_ids"], r[k], None) for k in ("chosen_ids", "rejected_ids") for r in group]
+        real = sum(len(ids) for ids, _ in seqs)
+        longest, total = max(len(ids) for ids, _ in seqs), real
+        layouts = {"padded_x8": b.input_ids.shape,
+                   "pack_longest": pack_sequences(seqs, -(-longest // 8) * 8, 0)["input_ids"].shape,
+                   "pack_one_row": (1, -(-total // 8) * 8)}
+        for k, (n, w) in layouts.items():
+            totals[k][0] += real
+            totals[k][1] += n * w
+            totals[k][2] += n * w * w
+    for k, (real, padded, scores) in totals.items():
+        out[f"{k}_waste"] = round(1 - real / padded, 4)
+        out[f"{k}_attention_scores_vs_padded"] = round(scores / totals["padded_x8"][2], 2)
+    return out
 
 
 if __name__ == "__main__":
