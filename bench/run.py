@@ -85,7 +85,7 @@ def machine() -> dict:
                 versions={p: v(p) for p in ("mlx", "mlx-lm", "mlx-dpo", "numpy", "torch", "transformers", "trl")})
 
 
-def run(mode: str, with_peers: bool) -> dict:
+def run(mode: str, with_peers: bool, lean: bool = False) -> dict:
     m = MODES[mode]
     root = OUT / mode
     print(f"mlx-dpo bench, mode {mode}: building inputs under {root} ...", flush=True)
@@ -94,7 +94,7 @@ def run(mode: str, with_peers: bool) -> dict:
     max_length = 4 * (m["prompt_mean"] + m["response_mean"])
     steps = dict(warmup=m["warmup_steps"], measured=m["measured_steps"])
     res = {"mode": mode, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": "make bench" if mode == "full" else "python bench/run.py --quick",
+           "command": ("make bench" if mode == "full" else "python bench/run.py --quick") + (" BENCH_ARGS=--lean" if lean else ""),
            "machine": machine(), "shapes": m["models"], "settings": {k: v for k, v in m.items() if k != "models"}}
 
     print("1. matmul", flush=True)
@@ -108,7 +108,8 @@ def run(mode: str, with_peers: bool) -> dict:
     openblas = status.split(" from ", 1)[1] if status.startswith("loaded") else None
 
     print("2. precompute", flush=True)
-    res["precompute"] = {
+    skipped = {"error": "not run (--lean)"}
+    res["precompute"] = {"ours": skipped, "trl": skipped} if lean else {
         "ours": task("mlx-dpo precompute", "tasks.py", "precompute", dict(
             model=model, data=paths["precompute_data"], out=str(root / "cache-precompute"), max_length=max_length)),
         "trl": task("TRL precompute_ref_log_probs", "peers.py", "trl_precompute", dict(
@@ -130,22 +131,25 @@ def run(mode: str, with_peers: bool) -> dict:
     peer, why = peer_python() if with_peers else (None, "skipped (--no-peers)")
     res["peer_install"] = why
     train = res["train"] = {}
-    for ft in ("lora", "full"):
+    for ft in ("lora",) if lean else ("lora", "full"):
         common = dict(model=model, fine_tune=ft, out=str(root / f"runs/{ft}"), **steps)
         train[ft] = {
             "cached": task(f"{ft}: ours, cached reference", "tasks.py", "train", dict(common, cache=step_cache, online=False)),
             "grad_checkpoint": task(f"{ft}: ours, --grad-checkpoint", "tasks.py", "train",
                                     dict(common, cache=step_cache, online=False, grad_checkpoint=True)),
-            "online": task(f"{ft}: ours, online reference", "tasks.py", "train", dict(common, cache=step_cache, online=True)),
+            "online": skipped if lean else task(f"{ft}: ours, online reference", "tasks.py", "train",
+                                                dict(common, cache=step_cache, online=True)),
             "mlx_lm_lora": task(f"{ft}: mlx-lm-lora", "peers.py", "mlx_lm_lora_train", dict(common, rows=rows, openblas=openblas),
                                 python=peer) if peer else {"error": f"mlx-lm-lora not installed: {why}"},
         }
-    for label, precomputed in (("trl_precomputed", True), ("trl_online", False)):
+    if lean:
+        train["full"] = {k: skipped for k in ("cached", "grad_checkpoint", "online", "mlx_lm_lora", "trl_precomputed", "trl_online")}
+    for label, precomputed in () if lean else (("trl_precomputed", True), ("trl_online", False)):
         train["full"][label] = task(f"full: TRL, {label[4:]}", "peers.py", "trl_train", dict(
             model=model, data=paths["step_data"], precompute=precomputed, out=str(root / f"trl-{label}"), **steps))
         train["lora"][label] = {"error": "TRL LoRA needs peft, not installed"}
-    train_vocab = res["train_vocab"] = {}
-    for ft in ("lora", "full"):
+    train_vocab = res["train_vocab"] = {"full": {"cached": skipped, "mlx_lm_lora": skipped}}
+    for ft in ("lora",) if lean else ("lora", "full"):
         common = dict(model=vocab_model, fine_tune=ft, out=str(root / f"runs-vocab/{ft}"), **steps)
         train_vocab[ft] = {
             "cached": task(f"{ft} V=152k: ours, cached reference", "tasks.py", "train", dict(common, cache=vocab_cache, online=False)),
@@ -164,6 +168,8 @@ def run(mode: str, with_peers: bool) -> dict:
         for variant in ("body", "ours", "plain"):
             lg[f"{variant}_{name}"] = task(f"{variant}, {name}", "logps_tasks.py", "logps_memory",
                                            dict(model=path, variant=variant, seq=seq))
+    if lean:
+        return res
     print("6. optimisations (interleaved A/B in one process)", flush=True)
     res["lse_speed"] = task("log-sum-exp speed", "logps_tasks.py", "lse_speed", dict(
         rows=m["lse_rows"], vocab=m["models"]["bench-125m"]["vocab_size"]))
@@ -181,12 +187,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and few steps (< 3 min), for developing")
     parser.add_argument("--no-peers", action="store_true", help="do not install or run mlx-lm-lora")
+    parser.add_argument("--lean", action="store_true", help="on a busy machine: matmul, LoRA steps beside mlx-lm-lora "
+                        "at both vocabularies, padding, log-prob memory; no precompute, full fine-tuning or layouts")
     parser.add_argument("--out", default=None, help="results stem (default bench/results, or bench/out/quick-results)")
     args = parser.parse_args()
     mode = "quick" if args.quick else "full"
     stem = Path(args.out) if args.out else (BENCH / "results" if mode == "full" else OUT / "quick-results")
     tic = time.perf_counter()
-    res = run(mode, with_peers=not args.no_peers)
+    res = run(mode, with_peers=not args.no_peers, lean=args.lean)
     res["bench_seconds"] = round(time.perf_counter() - tic, 1)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")  # kept even if the report fails
