@@ -131,3 +131,48 @@ def test_item11_forward_kl_parity_past_30_nats(tiny_model_dir, tmp_path):
     theirs = _trl_forward_kl_loss(tiny_model_dir, rows, refs, tmp_path / "trl")
     assert np.isfinite(theirs)
     assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-4), (ours, theirs)
+
+
+# ---- item 5: a non-finite value in a step is skipped and reported, never an internal error ----
+def _set_reference(cache, shard_number: int, value: float) -> int:
+    """ref_chosen_logps of the first row of train shard `shard_number` set to `value` (manifest kept
+    right, so only `train --verify-cache` / `cache verify` would see it); returns that row's index."""
+    manifest = json.loads((cache / "manifest.json").read_text())
+    shard = manifest["splits"]["train"]["shards"][shard_number]
+    path = cache / shard["path"]
+    table = pq.read_table(path)
+    column = table.schema.get_field_index("ref_chosen_logps")
+    values = table.column(column).to_numpy().copy()
+    values[0] = value
+    table = table.set_column(column, table.schema.field(column), [values.astype(np.float32)])
+    pq.write_table(table, path)
+    shard["bytes"], shard["sha256"] = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    return table["index"][0].as_py()
+
+
+def test_item5_an_infinite_reference_value_crashes_the_run(tiny_model_dir, tmp_path):
+    """One cached reference log-prob is -inf (the NaN case is skipped and reported). Its pair's
+    sigmoid loss is 0 and finite, so the step is applied; its reward is +inf, metrics.jsonl gets
+    "rewards/chosen": "inf", and the run then dies on printing that line:
+    `Error: ValueError: Unknown format code 'f' for object of type 'str'` (exit 1, naming no row nor
+    field). README: a non-finite step is skipped and named with its cache indices; the bar: bad input
+    is one clear line naming file, row and field."""
+    rows = tiny_models.standard_rows()
+    (tmp_path / "data").mkdir()
+    tiny_models.write_jsonl(tmp_path / "data" / "train.jsonl", rows[:7])
+    tiny_models.write_jsonl(tmp_path / "data" / "valid.jsonl", rows[7:12])
+    cache = tmp_path / "cache"
+    assert run("precompute", "--model", tiny_model_dir, "--data", tmp_path / "data", "--out", cache,
+               "--rows-per-shard", 3).exit_code == 0
+    bad = _set_reference(cache, 1, float("-inf"))
+    result = CliRunner().invoke(cli, [str(a) for a in [
+        "train", "--cache", cache, "--model", tiny_model_dir, "--output", tmp_path / "run", "--iters", 4,
+        "--batch-size", 2, "--steps-per-report", 1, "--learning-rate", 1e-2]])
+    said = result.output + repr(result.exception)
+    assert "Unknown format code" not in said, said
+    if result.exit_code == 0:
+        skipped = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"skipped"' in line]
+        assert skipped and all(bad in r["indices"] for r in skipped), result.output
+    else:
+        assert "ref_chosen_logps" in result.output and str(bad) in result.output, said
