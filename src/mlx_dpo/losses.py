@@ -36,15 +36,27 @@ class Pairs:
     def rejected_logratios(self) -> mx.array:
         return self.policy_rejected - self.ref_rejected
 
-    def scores(self) -> tuple[mx.array, mx.array]:
-        """Log-ratios through f'(t) of the chosen f-divergence (reverse KL: the log-ratio itself)."""
-        transform = F_DIVERGENCES[self.options.get("f_divergence_type", "reverse_kl")]
+    def score_gap(self, chosen_weight=1.0, rejected_weight=1.0) -> mx.array:
+        """w_c·f'(t_c) - w_r·f'(t_r) for the f-divergence's f' of the ratios t = π/π_ref (reverse KL: the
+        log-ratios), without forming an exponential that overflows (see `_exponential_gap`)."""
+        divergence = self.options.get("f_divergence_type", "reverse_kl")
+        chosen, rejected = self.chosen_logratios, self.rejected_logratios
         alpha = self.options.get("f_alpha_divergence_coef", 0.5)
-        return transform(self.chosen_logratios, alpha), transform(self.rejected_logratios, alpha)
+        if divergence == "reverse_kl" or (divergence == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+            return chosen_weight * chosen - rejected_weight * rejected  # α = 1: the limit is log t
+        if divergence == "js_divergence":
+            score = lambda r: math.log(2) + log_sigmoid(r)  # noqa: E731
+            return chosen_weight * score(chosen) - rejected_weight * score(rejected)
+        if divergence == "forward_kl":  # f'(t) = 1 - e^{-r}
+            return (chosen_weight - rejected_weight) - _exponential_gap(-chosen, -rejected, chosen_weight, rejected_weight)
+        if divergence == "alpha_divergence":  # f'(t) = (e^{(α-1)r} - 1)/(α-1), exponent capped as TRL's
+            c = 1.0 / (alpha - 1.0)
+            x_c, x_r = (mx.minimum((alpha - 1.0) * r, TRL_ALPHA_CAP) for r in (chosen, rejected))
+            return c * (_exponential_gap(x_c, x_r, chosen_weight, rejected_weight) - (chosen_weight - rejected_weight))
+        raise ValueError(f"unknown f_divergence_type {divergence!r}; one of {', '.join(F_DIVERGENCES)}")
 
     def delta_score(self) -> mx.array:
-        chosen, rejected = self.scores()
-        return chosen - rejected
+        return self.score_gap()
 
     def lengths(self) -> tuple[mx.array, mx.array]:
         if self.chosen_lengths is None or self.rejected_lengths is None:
@@ -53,27 +65,24 @@ class Pairs:
 
 
 # ---- f-divergences (Wang et al. 2023, "Beyond Reverse KL"): f'(t) of the ratio t = π/π_ref ----
-# exp() arguments stop at 30 nats (TRL: 80) so that even squared scores (ipo) and their batch sums stay
-# finite in float32 for log-ratios anywhere in ±1000 nats; past it the score is flat (zero gradient).
-EXP_CLAMP = 30.0
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# TRL caps the alpha-divergence exponent (α-1)·r at 80 in float32; we do the same, so we equal it there.
+TRL_ALPHA_CAP = 80.0
+# A difference of exponentials is scaled by at most e^80 ≈ 5.5e34 (TRL's values past that are inf or nan
+# in float32 for forward_kl): per-pair losses and their batch sums stay finite, never flat.
+GAP_CAP = 80.0
+# The squared base of ipo is kept within ±1e17: its square and batch sums stay finite in float32.
+SQUARE_CAP = 1e17
 
 
-def _clamped_exp(x: mx.array) -> mx.array:
-    return mx.exp(mx.minimum(x, EXP_CLAMP))
+def _exponential_gap(x_c: mx.array, x_r: mx.array, w_c, w_r) -> mx.array:
+    """w_c·e^{x_c} - w_r·e^{x_r}, as e^m·(w_c·e^{x_c-m} - w_r·e^{x_r-m}) with m the larger exponent: exact
+    (and its gradient too) while m <= GAP_CAP; past it e^m is held at e^GAP_CAP, so the value stays finite
+    and keeps the sign and slope of the true gap rather than flattening to 0."""
+    m = mx.stop_gradient(mx.maximum(x_c, x_r))
+    return mx.exp(mx.minimum(m, GAP_CAP)) * (w_c * mx.exp(x_c - m) - w_r * mx.exp(x_r - m))
 
 
-def _alpha_divergence(logratio: mx.array, alpha: float) -> mx.array:
-    if abs(alpha - 1.0) < 1e-6:  # the limit is log t: reverse KL
-        return logratio
-    return (_clamped_exp((alpha - 1.0) * logratio) - 1.0) / (alpha - 1.0)
-
-
-F_DIVERGENCES: dict[str, Callable] = {
-    "reverse_kl": lambda r, a: r,
-    "forward_kl": lambda r, a: 1 - _clamped_exp(-r),
-    "js_divergence": lambda r, a: math.log(2) + log_sigmoid(r),
-    "alpha_divergence": _alpha_divergence,
-}
 # Losses normalised per completion token rather than per pair: weighted by global token counts.
 TOKEN_LOSSES = {"sft"}
 
@@ -110,15 +119,17 @@ def hinge_loss(p: Pairs) -> mx.array:
 @register("ipo")
 def ipo_loss(p: Pairs) -> mx.array:
     """IPO (Azar et al. 2023, eq. 17), on per-token averages as TRL: (x̄ - 1/(2β))²."""
-    chosen, rejected = p.scores()
     chosen_len, rejected_len = p.lengths()
-    return (chosen / chosen_len - rejected / rejected_len - 1 / (2 * p.beta)) ** 2
+    base = p.score_gap(1 / chosen_len, 1 / rejected_len) - 1 / (2 * p.beta)
+    return mx.clip(base, -SQUARE_CAP, SQUARE_CAP) ** 2  # TRL's square is inf past ~1.8e19
 
 
 @register("exo_pair")
 def exo_pair_loss(p: Pairs) -> mx.array:
     """EXO (Ji et al. 2024, eq. 16): KL(softmax(βx) || [1-ε, ε]) over {chosen, rejected}."""
-    eps = p.label_smoothing if p.label_smoothing > 0 else 1e-3  # TRL's default exo ε
+    eps = p.label_smoothing
+    if eps <= 0:  # log ε: TRL 1.16 refuses ε = 0 too
+        raise ValueError("exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
     logits = p.beta * p.delta_score()
     win, lose = mx.sigmoid(logits), mx.sigmoid(-logits)
     return win * (log_sigmoid(logits) - math.log1p(-eps)) + lose * (log_sigmoid(-logits) - math.log(eps))
@@ -186,17 +197,17 @@ def apo_down_loss(p: Pairs) -> mx.array:
 def discopop_loss(p: Pairs) -> mx.array:
     """DiscoPOP (Chris Lu et al. 2024, eq. 5): logistic/exponential blend gated by σ(βx/τ)."""
     logits, tau = p.beta * p.delta_score(), p.options.get("discopop_tau", 0.05)
-    # e^{-x}·σ(x/τ) as one exponent: the product is inf·0 = nan where x is very negative
-    exponential = _clamped_exp(-logits + log_sigmoid(logits / tau))
+    # e^{-x}·σ(x/τ) as one exponent: the product is inf·0 = nan where x is very negative. The exponent
+    # stays below ~0 for τ <= 1; for τ > 1 it grows past TRL's finite range (e^88), and is capped there.
+    exponential = mx.exp(mx.minimum(-logits + log_sigmoid(logits / tau), GAP_CAP))
     return -log_sigmoid(logits) * mx.sigmoid(-logits / tau) + exponential
 
 
 @register("sigmoid_norm")
 def sigmoid_norm_loss(p: Pairs) -> mx.array:
     """DPO on per-token average scores: -logσ(β(s_c/|y_c| - s_r/|y_r|))."""
-    chosen, rejected = p.scores()
     chosen_len, rejected_len = p.lengths()
-    return -log_sigmoid(p.beta * (chosen / chosen_len - rejected / rejected_len))
+    return -log_sigmoid(p.beta * p.score_gap(1 / chosen_len, 1 / rejected_len))
 
 
 @register("simpo")

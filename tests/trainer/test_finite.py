@@ -16,13 +16,14 @@ from mlx_dpo.cli import cli
 from mlx_dpo.losses import LOSSES
 from mlx_dpo.trainer.config import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LABEL_SMOOTHING_LOSSES
 
-RATIOS = [-1000.0, -300.0, -100.0, -20.0, -1.0, 0.0, 1.0, 20.0, 100.0, 300.0, 1000.0]
+RATIOS = [-1000.0, -300.0, -100.0, -45.0, -40.0, -20.0, -1.0, 0.0, 1.0, 20.0, 40.0, 45.0, 100.0, 300.0, 1000.0]
 
 
 def _cases():
     for name in sorted(LOSSES):
         divergences = F_DIVERGENCES if name in F_DIVERGENCE_LOSSES else ("reverse_kl",)
         smoothings = (0.0, 0.2) if name in LABEL_SMOOTHING_LOSSES else (0.0,)
+        smoothings = (1e-3, 0.2) if name == "exo_pair" else smoothings  # ε = 0 is refused
         for divergence, eps in itertools.product(divergences, smoothings):
             coefs = (0.5, 2.0) if divergence == "alpha_divergence" else (0.5,)
             for coef in coefs:

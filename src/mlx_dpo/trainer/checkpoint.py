@@ -20,8 +20,8 @@ CHECKPOINTS = "checkpoints"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 # Options that only change what is reported; a resumed run may change them, not the others.
-REPORTING_OPTIONS = ("steps_per_report", "steps_per_eval", "steps_per_save", "val_batches", "eval_generate",
-                     "eval_max_tokens")
+# Not val_batches: it picks the evaluated pairs, which must stay the same for the whole run.
+REPORTING_OPTIONS = ("steps_per_report", "steps_per_eval", "steps_per_save", "eval_generate", "eval_max_tokens")
 
 
 def _save_safetensors_atomic(arrays: dict, path: Path) -> None:

@@ -102,6 +102,8 @@ class TrainConfig:
             (self.grad_accumulation_steps == 1 or not set(types) & set(BATCH_LOSSES),
              "--loss-type aot/aot_unpaired sorts across the batch: use a larger --batch-size, not --grad-accumulation-steps"),
             (self.discopop_tau > 0, "--discopop-tau must be positive"),
+            ("exo_pair" not in types or self.label_smoothing > 0,
+             "--loss-type exo_pair needs --label-smoothing > 0 (as TRL 1.16; the EXO paper recommends 1e-3)"),
             (self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "--ld-alpha must be in [0, 1]"),
         ]
         for ok, message in checks:
