@@ -14,6 +14,9 @@ import pyarrow.parquet as pq
 from ..logps import collate_pairs, score_plan
 from ..schemas.sequence import pair_length
 
+# The length-order jitter spans this many global batches: a row's neighbours change between epochs even
+# when the buffer holds only a few batches, at a padding cost of a few points (README: Training).
+JITTER_BATCHES = 4
 ROW_COLUMNS = ["index", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
 TAIL_COLUMNS = ["ref_chosen_tail_logps", "ref_rejected_tail_logps"]  # LD-DPO; K = 1 caches only
 
@@ -61,8 +64,9 @@ class PairStream:
 
     A step is one global batch of batch_size x ranks x micro_batches pairs; each rank gets its
     micro_batches shares of it. With `shuffle`, each epoch reads rows in a seeded random order into a
-    buffer of `shuffle_buffer` rows, orders the buffer by length with a seeded jitter of about one
-    global batch (similar lengths share a batch, little padding, and batches change between epochs),
+    buffer of `shuffle_buffer` rows, orders the buffer by length with a seeded jitter of up to
+    JITTER_BATCHES global batches (similar lengths share a batch, little padding, and a row's batch
+    mates change between epochs even when the buffer holds only a few batches),
     and yields its global batches in random order. Without it, rows come sorted by length within each
     buffer. The last global batch of a buffer may be smaller; no row is dropped or repeated.
     """
@@ -83,8 +87,8 @@ class PairStream:
 
     def _global_batches(self, buffer: list[dict], rng) -> list[list[dict]]:
         buffer.sort(key=pair_length)
-        if rng is not None:  # move each row by up to one global batch: other neighbours every epoch
-            jitter = np.arange(len(buffer)) + rng.uniform(0, self.global_size, len(buffer))
+        if rng is not None:  # move each row by up to JITTER_BATCHES global batches: other neighbours every epoch
+            jitter = np.arange(len(buffer)) + rng.uniform(0, JITTER_BATCHES * self.global_size, len(buffer))
             buffer = [buffer[i] for i in np.argsort(jitter, kind="stable")]
         size = self.global_size
         batches = [buffer[i : i + size] for i in range(0, len(buffer), size)]
