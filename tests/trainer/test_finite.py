@@ -55,56 +55,108 @@ def test_finite_loss_and_gradient_over_1000_nats(name, divergence, eps, coef):
         assert np.isfinite(np.array(grad)).all(), grad
 
 
-def _poison(cache, rows: str):
-    """Set ref_chosen_logps to NaN in the cache's train shards (`rows`: "one" row, or "all"), keeping
-    the manifest's sizes and sums right so only the values are wrong."""
+def _poison(cache, column: str, value: float, shard_number: int = 1) -> tuple[str, int]:
+    """Set `column` of the first row of train shard `shard_number` to `value`, keeping the manifest's sizes
+    and sums right so only `cache verify`'s value check would see it; returns (shard path, row index)."""
     manifest = json.loads((cache / "manifest.json").read_text())
-    for k, shard in enumerate(manifest["splits"]["train"]["shards"]):
-        if rows == "one" and k != 1:
-            continue
-        path = cache / shard["path"]
-        table = pq.read_table(path)
-        column = table.schema.get_field_index("ref_chosen_logps")
-        nan = pq.read_table(path).column(column).to_numpy() * np.nan
-        table = table.set_column(column, table.schema.field(column), [nan.astype(np.float32)])
-        pq.write_table(table, path)
-        shard["bytes"], shard["sha256"] = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+    shard = manifest["splits"]["train"]["shards"][shard_number]
+    path = cache / shard["path"]
+    table = pq.read_table(path)
+    position = table.schema.get_field_index(column)
+    values = table.column(position).to_numpy().copy()
+    values[0] = value
+    table = table.set_column(position, table.schema.field(position), [values.astype(np.float32)])
+    pq.write_table(table, path)
+    shard["bytes"], shard["sha256"] = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
     (cache / "manifest.json").write_text(json.dumps(manifest))
-    return manifest
+    return shard["path"], table["index"][0].as_py()
 
 
-def test_a_non_finite_step_is_skipped_and_reported(standard_cache, tiny_model_dir, tmp_path):
-    """One of the 6 cached rows has a NaN reference value: the steps holding it are skipped, named in the
-    log and metrics.jsonl with their rows, and leave the weights as they were; the others train."""
+@pytest.mark.parametrize("column, value", [("ref_chosen_logps", float("-inf")), ("ref_chosen_logps", float("nan")),
+                                           ("ref_rejected_logps", float("inf"))])
+def test_a_non_finite_cached_value_is_an_error_naming_file_row_and_column(standard_cache, tiny_model_dir, tmp_path,
+                                                                           column, value):
+    """A -inf reference value once gave a finite loss, an applied step with an inf reward, and then
+    `Error: ValueError: Unknown format code 'f' for object of type 'str'`. Now the stream stops at the
+    row group holding it: one line naming the shard file, row, index and column, and `cache verify`."""
     cache = tmp_path / "cache"
     shutil.copytree(standard_cache, cache)
-    bad = pq.read_table(cache / _poison(cache, "one")["splits"]["train"]["shards"][1]["path"])["index"][0].as_py()
+    shard, index = _poison(cache, column, value)
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, [str(a) for a in [
         "train", "--cache", cache, "--model", tiny_model_dir, "--output", out, "--iters", 6, "--batch-size", 2,
-        "--learning-rate", 1e-2, "--steps-per-report", 1, "--steps-per-save", 1]], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    skipped = [r for r in records if r["split"] == "skipped"]
-    assert skipped and all(bad in r["indices"] and r["loss"] == "nan" for r in skipped)
-    assert len(skipped) == 2  # the row is in one step of each of the 2 epochs (3 steps of 2 rows each)
-    trained = [r for r in records if r["split"] == "train"]
-    assert len(trained) == 4 and all(np.isfinite(r["loss"]) for r in trained)
-    for record in skipped:
-        step = record["step"]
-        assert f"step {step:>5} | loss nan" in result.output
-        before, after = (mx.load(str(out / f"{s:07d}_adapters.safetensors")) for s in (step - 1, step))
-        if step > 1:
-            assert all(mx.array_equal(before[k], after[k]).item() for k in after)
+        "--steps-per-report", 1]])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    [line] = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    assert f"{shard}: row 0 (index {index}): {column} is {value}, not finite" in line, line
+    assert f"mlx-dpo cache verify {cache}" in line
+    if (out / "metrics.jsonl").exists():  # steps before the damaged row group may have run; none after it
+        assert all(np.isfinite(json.loads(x)["loss"]) for x in open(out / "metrics.jsonl"))
 
 
-def test_non_finite_steps_in_a_row_stop_the_run(standard_cache, tiny_model_dir, tmp_path):
-    cache = tmp_path / "cache"
-    shutil.copytree(standard_cache, cache)
-    _poison(cache, "all")
-    result = CliRunner().invoke(cli, [str(a) for a in [
-        "train", "--cache", cache, "--model", tiny_model_dir, "--output", tmp_path / "run", "--iters", 6,
-        "--batch-size", 2]])
-    assert result.exit_code == 1
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("Error: step 3: 3 steps in a row with a non-finite loss or gradient"), result.output
+def _tiny_training(tiny_model_dir, cache, bad_index: int, iters: int, skips: list):
+    """train() itself on the tiny model (full fine-tune) over `cache`, the row `bad_index` given a -inf
+    reference value after it left the stream (as a fault between stream and step would): returns the
+    parameters after each step."""
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from mlx_dpo.trainer.config import TrainConfig
+    from mlx_dpo.trainer.stream import PairStream
+    from mlx_dpo.trainer.train import make_loss_fn, train
+
+    model, tokenizer = load(str(tiny_model_dir))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    stream = PairStream([cache / s["path"] for s in manifest["splits"]["train"]["shards"]], batch_size=2,
+                        max_length=22, truncation_mode="keep_start", pad_id=tokenizer.pad_token_id or 0, seed=0)
+
+    def batches():
+        for _, step in stream.forever():
+            for batch in step:
+                batch.ref_chosen_logps[np.isin(batch.indices, bad_index)] = -np.inf
+            yield step
+
+    cfg = TrainConfig(cache=str(cache), model=str(tiny_model_dir), output="unused")
+    snapshots = [dict(tree_flatten(model.trainable_parameters()))]
+    train(model, optim.AdamW(learning_rate=1e-2), batches(), make_loss_fn(cfg.loss_options()), iters=iters,
+          on_skip=lambda step, info: skips.append((step, info)),
+          on_save=lambda step: snapshots.append({k: mx.array(v) for k, v in tree_flatten(model.trainable_parameters())}),
+          steps_per_save=1)
+    return snapshots
+
+
+def test_a_step_with_a_non_finite_metric_is_not_applied(standard_cache, tiny_model_dir):
+    """A -inf reference value: the pair's sigmoid loss is 0 and finite, its gradient finite, but its
+    reward is inf. The step is skipped, named with its rows and the non-finite metrics, and leaves
+    the weights as they were; the other steps train."""
+    bad = 0
+    skips = []
+    snapshots = _tiny_training(tiny_model_dir, standard_cache, bad, 6, skips)
+    assert [step for step, _ in skips] and all(bad in info["indices"] for _, info in skips)
+    assert all(np.isfinite(info["loss"]) and "rewards/chosen" in info["non_finite"] for _, info in skips)
+    for step in range(1, 7):
+        same = all(mx.array_equal(snapshots[step - 1][k], snapshots[step][k]).item() for k in snapshots[step])
+        assert same == (step in [s for s, _ in skips]), step
+
+
+def test_non_finite_steps_in_a_row_stop_the_run(standard_cache, tiny_model_dir):
+    """Every row's reference value -inf: three skipped steps in a row end the run with one line."""
+    from mlx_dpo.errors import UserError
+
+    manifest = json.loads((standard_cache / "manifest.json").read_text())
+    indices = {i for s in manifest["splits"]["train"]["shards"] for i in pq.read_table(standard_cache / s["path"])["index"].to_pylist()}
+    with pytest.raises(UserError, match="^step 3: 3 steps in a row with a non-finite loss, gradient or metric"):
+        _tiny_training(tiny_model_dir, standard_cache, list(indices), 6, [])
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "inf", "nan"])
+def test_format_report_prints_non_finite_values(value):
+    """metrics.jsonl stores a non-finite value as text ("inf"); the log line once died on it with
+    `Unknown format code 'f' for object of type 'str'`."""
+    from mlx_dpo.trainer.metrics import format_report
+
+    record = {"step": 3, "split": "train", "loss": 0.5, "rewards/accuracies": 1.0, "rewards/margins": value,
+              "rewards/chosen": value, "rewards/rejected": -0.1, "tokens_per_sec": value, "learning_rate": 1e-5}
+    line = format_report(record)
+    assert f"margin {float(value)}" in line and f"chosen {float(value)}" in line and "loss 0.5000" in line

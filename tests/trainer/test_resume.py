@@ -92,6 +92,8 @@ def test_killed_mid_run_then_resumed_equals_uninterrupted(setup):
 
 @pytest.mark.parametrize("extra, message", [
     (["--resume", "--beta", 0.2], "cannot resume with other options (beta: run 0.1, now 0.2)"),
+    # val_batches picks the evaluated pairs: another value mid-run would compare other pairs (Held-out: A -> B)
+    (["--resume", "--val-batches", 1], "cannot resume with other options (val_batches: run None, now 1)"),
     (["--resume", "--output-is-new"], "no checkpoint to resume from"),
     ([], "already holds a run (metrics.jsonl); use another --output, --resume or --overwrite"),
 ])

@@ -41,10 +41,20 @@ def _plain(value):
 
 
 def format_report(record: dict) -> str:
+    """One log line of a metrics record; a non-finite value (a float, or its JSON text "nan"/"inf") is
+    printed as such, never an error."""
+    def number(name: str, spec: str) -> str:
+        value = record[name]
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return str(value)
+        return format(value, spec) if math.isfinite(value) else str(value)
+
     return (
-        f"[{record['split']:>5}] step {record['step']:>5} | loss {record['loss']:.4f} | "
-        f"acc {record['rewards/accuracies']:.3f} | margin {record['rewards/margins']:+.4f} | "
-        f"chosen {record['rewards/chosen']:+.4f} rejected {record['rewards/rejected']:+.4f}"
-        + (f" | {record['tokens_per_sec']:,.0f} tok/s | lr {record['learning_rate']:.2e}"
+        f"[{record['split']:>5}] step {record['step']:>5} | loss {number('loss', '.4f')} | "
+        f"acc {number('rewards/accuracies', '.3f')} | margin {number('rewards/margins', '+.4f')} | "
+        f"chosen {number('rewards/chosen', '+.4f')} rejected {number('rewards/rejected', '+.4f')}"
+        + (f" | {number('tokens_per_sec', ',.0f')} tok/s | lr {number('learning_rate', '.2e')}"
            if "tokens_per_sec" in record else "")
     )

@@ -183,9 +183,9 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
 
     def skip(step: int, info: dict) -> None:
         if main:
-            records.append(metrics_log.write(step, "skipped", {"reason": "non-finite loss or gradient", **info}))
+            records.append(metrics_log.write(step, "skipped", {"reason": "non-finite loss, gradient or metric", **info}))
             log(f"[skip ] step {step:>5} | loss {info['loss']} | grad_norm {info['grad_norm']} | "
-                f"not applied; batch rows {info['indices']}")
+                f"not finite: {', '.join(info['non_finite'])} | not applied; batch rows {info['indices']}")
 
     optimizer = build_optimizer(cfg)
     if checkpoint is not None:

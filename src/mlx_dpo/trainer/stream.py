@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..errors import UserError
 from ..logps import collate_pairs, score_plan
 from ..schemas.sequence import pair_length
 
@@ -44,13 +47,36 @@ class Batch:
 
 
 def iter_rows(shards: list[Path], rng: np.random.Generator | None, columns=ROW_COLUMNS) -> Iterator[dict]:
-    """Rows of every shard; with `rng`, shards and row groups are visited in random order."""
+    """Rows of every shard; with `rng`, shards and row groups are visited in random order.
+    Raises UserError naming file, row and column if a cached reference value is not finite."""
     shard_order = rng.permutation(len(shards)) if rng is not None else range(len(shards))
     for s in shard_order:
         parquet = pq.ParquetFile(shards[s])
         groups = range(parquet.num_row_groups)
         for g in rng.permutation(len(groups)) if rng is not None else groups:
-            yield from parquet.read_row_group(int(g), columns=columns).to_pylist()
+            table = parquet.read_row_group(int(g), columns=columns)
+            _check_finite(table, shards[s], sum(parquet.metadata.row_group(k).num_rows for k in range(g)))
+            yield from table.to_pylist()
+
+
+def _check_finite(table, shard: Path, first_row: int) -> None:
+    """A NaN or inf reference log-prob is a damaged cache (precompute never writes one): stop at it
+    rather than train on it. One vectorised check per row group."""
+    for name in table.column_names:
+        if not name.startswith("ref_"):
+            continue
+        column = table[name].combine_chunks()
+        if pa.types.is_list(column.type):  # K rejected answers per row
+            values, rows = column.flatten().to_numpy(zero_copy_only=False), pc.list_parent_indices(column).to_numpy()
+        else:
+            values, rows = column.to_numpy(zero_copy_only=False), np.arange(len(column))
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(rows[np.argmax(bad)])
+            cache = shard.parent.parent if (shard.parent.parent / "manifest.json").exists() else shard.parent
+            raise UserError(f"{shard}: row {first_row + row} (index {table['index'][row].as_py()}): {name} is "
+                            f"{values[np.argmax(bad)]}, not finite; the cache is damaged: run "
+                            f"`mlx-dpo cache verify {cache}`, then rebuild it with `mlx-dpo precompute --overwrite`")
 
 
 def split_evenly(rows: list, parts: int) -> list[list]:

@@ -143,8 +143,8 @@ def train(
     """Run optimizer steps `start_step+1 .. iters`, or `.. stop_after` as if interrupted there (the
     schedule is the optimizer's and still spans `iters`). Each item of `batches` is this rank's
     micro-batches of one global batch (a step). Under mlx.launch (`group` of N ranks) gradients and
-    metrics are summed over ranks, each already divided by the global counts. A step whose loss or
-    gradient is not finite is skipped (weights and optimizer state untouched) and passed to `on_skip`;
+    metrics are summed over ranks, each already divided by the global counts. A step whose loss,
+    gradient norm or any metric of METRIC_NAMES is not finite is skipped (weights and optimizer state untouched) and passed to `on_skip`;
     MAX_SKIPPED_IN_A_ROW in a row raise UserError. Step 1 is always reported: at step 1 the policy is
     still the reference, so its loss is ln 2 and its margins 0, a check that both stages score tokens
     the same way."""
@@ -191,13 +191,14 @@ def train(
         mx.eval(grad, metrics, grad_norm)
         vector, norm = metrics.tolist(), grad_norm.item()
         report = named_metrics(vector[:-1], loss_fn.token_weight)
-        # ---- skip a non-finite step; several in a row end the run ----
-        if not (math.isfinite(report["loss"]) and math.isfinite(norm)):
+        # ---- skip a step whose loss, gradient or any reported metric is not finite; several in a row end the run ----
+        bad = [name for name, value in report.items() if not math.isfinite(value)] + ([] if math.isfinite(norm) else ["grad_norm"])
+        if bad:
             skipped += 1
             indices = all_gather_indices([i for b in micro for i in b.real_indices()], group)
-            on_skip(step, {"loss": report["loss"], "grad_norm": norm, "indices": indices})
+            on_skip(step, {"loss": report["loss"], "grad_norm": norm, "non_finite": bad, "indices": indices})
             if skipped >= MAX_SKIPPED_IN_A_ROW:
-                raise UserError(f"step {step}: {skipped} steps in a row with a non-finite loss or gradient "
+                raise UserError(f"step {step}: {skipped} steps in a row with a non-finite loss, gradient or metric "
                                 f"(last batch rows {indices}); lower --learning-rate or check the cache")
         else:
             skipped = 0
