@@ -32,7 +32,8 @@ def test_f_divergence_with_a_loss_that_ignores_it_is_refused(loss, divergence):
 
 @pytest.mark.parametrize("loss", sorted(F_DIVERGENCE_LOSSES))
 def test_f_divergence_with_a_loss_that_uses_it_is_accepted(loss):
-    TrainConfig(**PATHS, loss_type=loss, f_divergence_type="forward_kl")
+    eps = 1e-3 if loss == "exo_pair" else 0.0
+    TrainConfig(**PATHS, loss_type=loss, f_divergence_type="forward_kl", label_smoothing=eps)
     TrainConfig(**PATHS, loss_type="sigmoid", rpo_alpha=0.5, f_divergence_type="js_divergence")  # + sft
 
 
@@ -42,6 +43,19 @@ def test_label_smoothing_refused_where_it_changes_nothing():
     with pytest.raises(UserError, match="--label-smoothing has no effect on --loss-type hinge"):
         TrainConfig(**PATHS, loss_type="hinge", label_smoothing=0.1)
     TrainConfig(**PATHS, loss_type="hinge,robust", label_smoothing=0.1)
+
+
+def test_exo_pair_needs_label_smoothing():
+    """TRL 1.16 refuses exo_pair with label_smoothing 0 (its log ε is -inf); we once used 1e-3 silently."""
+    from mlx_dpo import preference_loss
+
+    with pytest.raises(UserError, match="--loss-type exo_pair needs --label-smoothing > 0"):
+        TrainConfig(**PATHS, loss_type="exo_pair")
+    with pytest.raises(UserError, match="--loss-type exo_pair needs --label-smoothing > 0"):
+        TrainConfig(**PATHS, loss_type="sigmoid,exo_pair")
+    TrainConfig(**PATHS, loss_type="exo_pair", label_smoothing=1e-3)
+    with pytest.raises(ValueError, match="exo_pair needs label_smoothing > 0"):
+        preference_loss([-1.0], [-2.0], [-1.0], [-1.0], loss_type="exo_pair")
 
 
 def test_trl_defaults():

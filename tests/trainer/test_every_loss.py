@@ -28,7 +28,8 @@ def shared(tiny_model_dir, tmp_path_factory):
     assert {p: p.stat().st_mtime_ns for p in (root / "cache").rglob("*") if p.is_file()} == stamps
 
 
-@pytest.mark.parametrize("extra", [["--loss-type", t] for t in LOSS_TYPES] + [
+@pytest.mark.parametrize("extra", [["--loss-type", t, *(["--label-smoothing", "0.001"] if t == "exo_pair" else [])]
+                                   for t in LOSS_TYPES] + [
     ["--loss-type", "sigmoid,sft", "--loss-weights", "1,0.5"],
     ["--rpo-alpha", "1.0"],
     ["--reference-free"],
