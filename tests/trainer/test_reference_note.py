@@ -62,7 +62,9 @@ def bf16_cache(tiny_model_dir, standard_data, tmp_path_factory):
 
 def test_a_policy_computing_in_another_dtype_is_named(bf16_cache, tmp_path):
     model, cache = bf16_cache
-    result = train(cache, model, tmp_path / "run")  # the policy computes in float32 on CPU
+    # the policy computes in float32 on CPU; one batch of every pair, so the check does not rest on which
+    # 4 pairs the seeded order puts first (one such batch was within 4e-6 of ln 2)
+    result = train(cache, model, tmp_path / "run", "--batch-size", 16)
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if line.startswith(NOTE)]
     assert len(notes) == 1 and "it computes in float32, the cache's reference was computed in bfloat16" in notes[0]
