@@ -20,6 +20,8 @@ LOGITS_CHUNK_BYTES = 256 * 2**20
 # mlx-lm architectures whose logits are exactly head(model.model(ids)), head = lm_head or the tied
 # embedding (checked by tests/trainer/test_logps_chunked.py); others take the plain path.
 HEAD_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
+# Vocabulary entries per partial logsumexp (see _logsumexp).
+_VOCAB_BLOCK = 512
 
 
 def collate_pairs(
@@ -61,6 +63,24 @@ def split_chosen_rejected(values, pairs: int, several: bool):
     if several:
         rejected = rejected.reshape(-1, pairs).T  # (K, B) -> (B, K)
     return chosen, rejected
+
+
+def _logsumexp(x: mx.array) -> mx.array:
+    """logsumexp over the last axis in two levels: per block of _VOCAB_BLOCK entries, then over blocks.
+
+    MLX's float32 sum on CPU adds a row's terms into one running total: next to the likely token's
+    term (~1) every tail term below half an ulp is dropped, so a one-shot logsumexp over a 49k
+    vocabulary comes out ~1e-4 low (log-probs high, always). Each block's own max and short sum keep
+    the tail. (..., V) -> (...).
+    """
+    v = x.shape[-1]
+    whole = v - v % _VOCAB_BLOCK
+    parts = []
+    if whole:
+        parts.append(mx.logsumexp(x[..., :whole].reshape(*x.shape[:-1], -1, _VOCAB_BLOCK), axis=-1))
+    if whole < v:
+        parts.append(mx.logsumexp(x[..., whole:], axis=-1, keepdims=True))
+    return mx.logsumexp(mx.concatenate(parts, axis=-1), axis=-1)
 
 
 def score_plan(completion_mask, multiple: int = SCORE_MULTIPLE) -> np.ndarray:
@@ -113,7 +133,7 @@ def _token_terms(head, hidden: mx.array, targets: mx.array, chunk: int) -> mx.ar
         if keys:
             module.update(tree_unflatten(list(zip(keys, leaves))))
         logits = head(h).astype(mx.float32)  # (chunk, V): the only [positions, V] temporary
-        return mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+        return mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - _logsumexp(logits)
 
     @mx.custom_function
     def scored(hidden, targets, *leaves):
@@ -181,7 +201,7 @@ def sequence_logps(
 def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     """log softmax(logits)[targets] in float32. logits: (N, T, V); targets: (N, T) -> (N, T)."""
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(mx.float32)
-    return picked - mx.logsumexp(logits.astype(mx.float32), axis=-1)
+    return picked - _logsumexp(logits.astype(mx.float32))
 
 
 def plain_sequence_logps(

@@ -58,3 +58,25 @@ def test_collate_pairs_layout():
     np.testing.assert_array_equal(mask, [[0, 0, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 0, 0]])
     ids, _ = collate_pairs(rows, max_length=None, truncation_mode="keep_start", pad_id=0, pad_to_multiple=8)
     assert ids.shape == (4, 8)
+
+
+@pytest.mark.parametrize("vocab", [49152, 50257])  # SmolLM2's (a multiple of the block) and GPT-2's (odd)
+def test_token_logps_unbiased_over_a_large_vocabulary(vocab):
+    """Log-probs over an LM-sized vocabulary (one likely token, a long tail) against float64 numpy.
+
+    MLX's float32 sum on CPU adds the tail terms one by one into an accumulator near 1, so each term below
+    half an ulp is lost: a one-shot logsumexp comes out low and every log-prob high (~+1e-4 per token on
+    SmolLM2, always positive). Within 1e-5 the error is float32 rounding, not a bias.
+    """
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2.5, size=(2, 16, vocab)).astype(np.float32)
+    logits[..., 7] += 25
+    targets = rng.integers(0, vocab, size=(2, 16))
+    targets[0] = 7
+    wide = logits.astype(np.float64)
+    top = wide.max(-1, keepdims=True)
+    normaliser = top[..., 0] + np.log(np.exp(wide - top).sum(-1))
+    exact = np.take_along_axis(wide, targets[..., None], -1)[..., 0] - normaliser
+    ours = np.array(token_logps(mx.array(logits), mx.array(targets)), dtype=np.float64)
+    assert np.abs(ours - exact).max() < 1e-5
+    assert abs((ours - exact).mean()) < 2e-6  # no drift in one direction
