@@ -235,6 +235,7 @@ def build_llama(
     heads: int = 4,
     kv_heads: int = 2,
     intermediate: int = 128,
+    rope_theta: float = 10000.0,
 ):
     """A random tiny float32 `LlamaForCausalLM` saved as safetensors, with the tokenizer in the same directory.
 
@@ -261,7 +262,7 @@ def build_llama(
         head_dim=hidden // heads,
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
+        rope_theta=rope_theta,
         tie_word_embeddings=False,
         attention_bias=False,
         mlp_bias=False,

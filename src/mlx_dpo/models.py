@@ -18,9 +18,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def resolve_model_path(name: str) -> Path:
-    """A local directory as is; otherwise a Hugging Face id, downloaded by mlx-lm's own resolver."""
-    if Path(name).is_dir():
-        return Path(name)
+    """A local directory as is (`~` expanded: config files get no shell); otherwise a Hugging Face id,
+    downloaded by mlx-lm's own resolver."""
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
     if Path(name).exists():
         raise UserError(f"{name}: a model must be a directory with config.json and *.safetensors, not a file")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -167,15 +168,64 @@ def compute_dtype(path: Path, requested: str | None = None) -> str:
     return "float32" if mx.default_device() == mx.cpu else checkpoint_dtype(path)
 
 
-def load_model(path: Path, trust_remote_code: bool = False, dtype: str | None = None) -> nn.Module:
+def model_config_overrides(path: Path) -> dict:
+    """config.json values mlx-lm would misread. transformers >= 5 keeps RoPE's base only inside
+    `rope_parameters`; mlx-lm's Llama-family args read the top-level `rope_theta` (`rope_scaling`)
+    and would silently use base 10000 (SmolLM2's is 100000: log-probs off by nats)."""
+    config = json.loads((path / "config.json").read_text())
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
+        return {}
+    overrides = {"rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default" and config.get("rope_scaling") is None:
+        overrides["rope_scaling"] = rope
+    return overrides
+
+
+def quantization(path: Path) -> dict | None:
+    """The mlx-lm quantization of a checkpoint ({"bits": 4, "group_size": 64, ...}), or None."""
+    config = json.loads((path / "config.json").read_text())
+    found = config.get("quantization") or config.get("quantization_config")
+    return {k: v for k, v in found.items() if not isinstance(v, dict)} if isinstance(found, dict) else None
+
+
+def load_model(path: Path, trust_remote_code: bool = False, dtype: str | None = None, *,
+               adapter_path: str | None = None, dequantize: bool = False) -> nn.Module:
     """The model through mlx-lm (safetensors only; a config's custom `model_file` runs only with
-    `trust_remote_code`), its floating parameters cast to compute_dtype(path, dtype)."""
+    `trust_remote_code`), its floating parameters cast to compute_dtype(path, dtype). A quantized
+    model stays quantized (QLoRA) unless `dequantize`: then its layers become layers of the very
+    weight values the quantized kernels use, computed from scales already widened to the compute
+    dtype (float32 on CPU: no product is rounded to float16). `adapter_path`: mlx-lm adapters
+    applied on top (unfused, as the policy trains them)."""
+    from mlx_lm.utils import dequantize_model
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     target = getattr(mx, compute_dtype(path, dtype))
     try:
-        model, _ = mlx_lm_load_model(path, trust_remote_code=trust_remote_code)
+        model, _ = mlx_lm_load_model(path, trust_remote_code=trust_remote_code,
+                                     model_config=model_config_overrides(path))
     except Exception as error:
         raise UserError(f"{path}: could not load the model ({type(error).__name__}: {error})") from error
     model.set_dtype(target)  # floating parameters only: quantized weights stay packed integers
+    if dequantize:
+        dequantize_model(model)
+    if adapter_path is not None:
+        apply_adapters(model, adapter_path)
+        model.set_dtype(target)  # adapters saved in another dtype (e.g. bfloat16 from a GPU)
     return model
+
+
+def apply_adapters(model: nn.Module, adapter_path: str) -> None:
+    """Freeze `model` and put mlx-lm's adapters from `adapter_path` on it (LoRA/DoRA layers, or the
+    weights of a full fine-tune); the LoRA/DoRA parameters are left trainable."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    model.freeze()
+    try:
+        load_adapters(model, adapter_path)
+    except Exception as error:  # shapes of another model, missing tensors, unreadable file
+        raise UserError(f"--adapter-path {adapter_path}: cannot apply to this model ({type(error).__name__}: {error})") from error
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) for _, m in model.named_modules())
