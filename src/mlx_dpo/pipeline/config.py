@@ -21,6 +21,7 @@ class PrecomputeConfig:
     max_length: int | None = field(default=1024, metadata={"group": "Tokenization", "help": "Max tokens of prompt+completion (TRL's max_length)."})
     truncation_mode: str = field(default="keep_start", metadata={"group": "Tokenization", "help": "keep_start or keep_end, as TRL."})
     dtype: str | None = field(default=None, metadata={"group": "Model", "help": "Compute precision of the reference forward: float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's dtype on a GPU); part of the cache identity."})
+    adapter_path: str | None = field(default=None, metadata={"group": "Model", "help": "mlx-lm adapters on the model (e.g. an mlx_lm.lora SFT run): the reference is the model with them."})
     tokens_per_batch: int = field(default=8192, metadata={"group": "Model", "help": "Padded tokens per reference forward."})
     rows_per_shard: int = field(default=2048, metadata={"group": "Output", "help": "Input rows per Parquet shard (the unit of resume)."})
     num_shards: int = field(default=1, metadata={"group": "Output", "help": "Split the work over N jobs without a launcher (e.g. a job array); combine with `mlx-dpo cache merge`."})

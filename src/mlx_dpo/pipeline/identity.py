@@ -11,6 +11,7 @@ from ..models import weights_hash
 from ..schemas import SCHEMA_VERSION, tokenizer_fingerprint
 from ..schemas.identity import TOKENIZATION_RULES
 from .config import PrecomputeConfig
+from .reference import reference_variant
 from .formats import Fields
 from .sources import EVAL_CACHE_SPLIT, Source, fields_of
 
@@ -36,6 +37,7 @@ def identity_fields(cfg: PrecomputeConfig, sources: dict[str, Source], eval_name
     return {
         "schema_version": SCHEMA_VERSION,
         "reference_weights": weights_hash(model_path),
+        **reference_variant(model_path, cfg.adapter_path, dtype),
         "dtype": dtype,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "tokenization_rules": TOKENIZATION_RULES,

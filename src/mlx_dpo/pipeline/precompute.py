@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..distributed import barrier, world
 from ..errors import UserError
-from ..models import checked_model_path, compute_dtype, load_model, load_tokenizer
+from ..models import checked_model_path, compute_dtype, load_tokenizer
 from ..schemas import Manifest, describe_difference, identity_hash, read_manifest, ref_logps_schema
 from ..schemas.atomic import make_dirs
 from ..schemas.manifest import MANIFEST_NAME, refuse_links
@@ -25,7 +25,7 @@ from .config import PrecomputeConfig
 from .identity import identity_fields
 from .load import load_splits
 from .lock import cache_lock
-from .reference import score_rows
+from .reference import load_reference, score_rows
 from .reuse import fill_from, is_scored, source_caches
 from .shards import (
     clear_layout,
@@ -239,7 +239,7 @@ def _compute(run: _Run, tasks, encoded: dict, positions: dict, rejected_per_prom
     misses = {t: [r for r in chunk if isinstance(r, dict) and not is_scored(r)] for t, chunk in chunks.items()}
     total = sum(_row_tokens(r, cfg.max_length) for rows in misses.values() for r in rows)
     # Nothing to score (all reused or resumed): never load the model.
-    model = load_model(run.model_path, cfg.trust_remote_code, run.dtype) if any(misses.values()) else None
+    model = load_reference(run.model_path, cfg, run.dtype) if any(misses.values()) else None
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
     with tqdm(total=total, unit="tok", unit_scale=True, desc="reference log-probs", smoothing=0.1,
               disable=not show or None) as progress:

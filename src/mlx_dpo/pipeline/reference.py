@@ -3,13 +3,44 @@
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from .._blas import blas_threads
+from ..adapters import adapters_fingerprint
 from ..logps import LOGITS_CHUNK_BYTES, collate_pairs, sequence_logps, shared_lengths, split_chosen_rejected
+from ..models import load_model, quantization
 from ..schemas.sequence import pair_length
+
+
+def dequantizes(model_path: Path) -> dict | None:
+    """A quantized checkpoint's settings when the reference forward dequantizes it: on CPU, quantized
+    matmuls get no BLAS (a demo precompute took 246 s quantized, 4.3 s in float32)."""
+    return quantization(model_path) if mx.default_device() == mx.cpu else None
+
+
+def reference_variant(model_path: Path, adapter_path: str | None, dtype: str) -> dict:
+    """Identity fields beyond the weights hash, present only when used: `reference_adapters`
+    (fingerprint of --adapter-path) and `reference_dequantized` (the quantization the reference was
+    dequantized from, into `dtype`: the same weight values, without rounding products to the
+    checkpoint's float16)."""
+    fields = {}
+    if adapter_path is not None:
+        fields["reference_adapters"] = adapters_fingerprint(adapter_path)
+    if (settings := dequantizes(model_path)) is not None:
+        fields["reference_dequantized"] = {**settings, "to": dtype}
+    return fields
+
+
+def load_reference(model_path: Path, cfg, dtype: str):
+    """The reference model of a precompute in `dtype`: the model (dequantized on CPU), plus adapters,
+    in eval mode (no LoRA dropout)."""
+    model = load_model(model_path, cfg.trust_remote_code, dtype, adapter_path=cfg.adapter_path,
+                       dequantize=dequantizes(model_path) is not None)
+    model.eval()
+    return model
 
 
 def length_sorted_batches(lengths: list[int], tokens_per_batch: int, sequences_per_row: int = 2) -> list[list[int]]:

@@ -13,7 +13,9 @@ from pathlib import Path
 # schema_version: the cache layout; reference_weights: content hash of what mlx-lm loads (weights,
 # config, quantization); dtype: the reference's compute precision; tokenizer: its behaviour incl. the
 # chat template; tokenization_rules: TOKENIZATION_RULES; data: per split, the rows used; options:
-# max_length, truncation_mode, splits, valid_fraction.
+# max_length, truncation_mode, splits, valid_fraction. Present only when used (so other caches keep
+# their identity): reference_adapters (--adapter-path's fingerprint) and reference_dequantized (the
+# quantization a CPU reference was dequantized from).
 IDENTITY_FIELDS = ("schema_version", "reference_weights", "dtype", "tokenizer", "tokenization_rules", "data", "options")
 # Compute precisions of the reference forward (mlx dtype names).
 DTYPES = ("float32", "bfloat16", "float16")

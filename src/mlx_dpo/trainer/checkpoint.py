@@ -10,6 +10,7 @@ import mlx.nn as nn
 import yaml
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..adapters import starting_lora_keys
 from ..errors import UserError
 from ..schemas.atomic import atomic_dir, atomic_path, write_text_atomic
 from .config import TrainConfig
@@ -34,7 +35,8 @@ def adapter_config(cfg: TrainConfig) -> dict:
     return {
         "fine_tune_type": cfg.fine_tune_type,
         "num_layers": cfg.num_layers,
-        "lora_parameters": {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout},
+        "lora_parameters": {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout,
+                            **starting_lora_keys(cfg.adapter_path)},  # the layers the run's adapters sit on
         "model": cfg.model,
         "trainer": "mlx-dpo",
         "cache": cfg.cache,

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from ..adapters import DEFAULTS, resolve_options
 from ..errors import UserError
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
@@ -39,11 +40,13 @@ class TrainConfig:
     discopop_tau: float = field(default=0.05, metadata={"group": "Loss", "help": "DiscoPOP gate temperature τ."})
     ld_alpha: float | None = field(default=None, metadata={"group": "Loss", "help": "LD-DPO α in [0, 1]: weight of the tokens past the shorter answer's length (needs a K = 1 cache)."})
     # fine-tuning
-    fine_tune_type: str = field(default="lora", metadata={"group": "Model", "help": "lora, dora or full (mlx-lm's tuner)."})
-    num_layers: int = field(default=-1, metadata={"group": "Model", "help": "Trained transformer blocks, counted from the last; -1 for all."})
-    lora_rank: int = field(default=8, metadata={"group": "Model", "help": "LoRA/DoRA rank."})
-    lora_scale: float = field(default=20.0, metadata={"group": "Model", "help": "LoRA/DoRA scale (mlx-lm's 'scale', not alpha)."})
-    lora_dropout: float = field(default=0.0, metadata={"group": "Model", "help": "Dropout on the LoRA input."})
+    adapter_path: str | None = field(default=None, metadata={"group": "Model", "help": "Start from these mlx-lm adapters (e.g. an mlx_lm.lora SFT run): LoRA/DoRA training continues on them, and the options below come from their adapter_config.json."})
+    # None: from --adapter-path's adapter_config.json, else the default in brackets (adapters.DEFAULTS)
+    fine_tune_type: str | None = field(default=None, metadata={"group": "Model", "help": "lora, dora or full (mlx-lm's tuner) [lora]."})
+    num_layers: int | None = field(default=None, metadata={"group": "Model", "help": "Trained transformer blocks, counted from the last; -1 for all [-1]."})
+    lora_rank: int | None = field(default=None, metadata={"group": "Model", "help": "LoRA/DoRA rank [8]."})
+    lora_scale: float | None = field(default=None, metadata={"group": "Model", "help": "LoRA/DoRA scale (mlx-lm's 'scale', not alpha) [20.0]."})
+    lora_dropout: float | None = field(default=None, metadata={"group": "Model", "help": "Dropout on the LoRA input [0.0]."})
     grad_checkpoint: bool = field(default=False, metadata={"group": "Model", "help": "Recompute each transformer block's activations in the backward pass instead of storing them (mlx-lm's option): less memory, more compute; same loss and gradients."})
     trust_remote_code: bool = field(default=False, metadata={"group": "Model", "help": "Allow the model directory's own Python code (custom tokenizer or model file) to run."})
     # optimisation
@@ -67,6 +70,9 @@ class TrainConfig:
     eval_max_tokens: int = field(default=64, metadata={"group": "Output", "help": "Most tokens per --eval-generate answer."})
 
     def __post_init__(self):
+        given = {name: getattr(self, name) for name in DEFAULTS}
+        for name, value in resolve_options(given, self.adapter_path).items():
+            object.__setattr__(self, name, value)  # frozen: resolved once, here
         checks = [
             (self.fine_tune_type in FINE_TUNE_TYPES, f"--fine-tune-type must be one of {', '.join(FINE_TUNE_TYPES)}"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),

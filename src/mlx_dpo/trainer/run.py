@@ -25,7 +25,7 @@ from .config import BATCH_LOSSES, TrainConfig
 from .eval_outputs import EvalOutputs
 from .metrics import MetricsLog, format_report
 from .pair_log import PairCollector
-from .policy import prepare_policy
+from .policy import adapters_difference, prepare_policy
 from .stream import PairStream
 from .train import evaluate, make_loss_fn, train
 
@@ -53,10 +53,10 @@ def check_tokenizer(manifest, tokenizer, cache: str, model: str) -> None:
         )
 
 
-def reference_difference(manifest, model: str, model_path: Path, dtype: str) -> str | None:
+def reference_difference(manifest, model: str, model_path: Path, dtype: str, adapter_path: str | None = None) -> str | None:
     """One line when the starting policy is not the cache's reference as it was computed (other
-    weights, or another compute dtype): legitimate, but step 1 then does not start at ln 2."""
-    fields, differs = manifest.identity_fields, []
+    weights, adapters or compute dtype): legitimate, but step 1 then does not start at ln 2."""
+    fields, differs = manifest.identity_fields, adapters_difference(manifest.identity_fields, adapter_path)
     if (current := weights_hash(model_path)) != fields["reference_weights"]:
         differs.append(f"its weights ({short_value(current)}) are not the cache's reference "
                        f"({short_value(fields['reference_weights'])})")
@@ -141,10 +141,11 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
 
     mx.random.seed(cfg.seed)  # LoRA initialisation
     model = load_model(model_path, cfg.trust_remote_code)
-    if (note := reference_difference(manifest, cfg.model, model_path, compute_dtype(model_path))) is not None:
+    if (note := reference_difference(manifest, cfg.model, model_path, compute_dtype(model_path), cfg.adapter_path)):
         log(note)
     trainable = prepare_policy(model, cfg)
-    log(f"Policy {cfg.model}: {cfg.fine_tune_type}, {trainable / 1e6:.3f}M trainable parameters; "
+    start = f" + adapters {cfg.adapter_path}" if cfg.adapter_path else ""
+    log(f"Policy {cfg.model}{start}: {cfg.fine_tune_type}, {trainable / 1e6:.3f}M trainable parameters; "
         f"reference from cache {manifest.identity[:12]} (not loaded)")
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,0 +1,129 @@
+"""--adapter-path: SFT with mlx_lm.lora, then DPO with the SFT model as reference and starting point."""
+
+import json
+import math
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+import tiny_models
+from mlx_dpo.cli import cli
+
+SFT_RANK = 4  # not our default (8): the run must take the adapters' rank
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _run(*args):
+    result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def sft_adapters(tiny_model_dir, tmp_path_factory):
+    """Adapters from mlx-lm's own LoRA trainer (a few steps at a high learning rate, so they matter)."""
+    root = tmp_path_factory.mktemp("sft")
+    data = root / "data"
+    data.mkdir()
+    texts = [{"text": f"{r['prompt']}{r['chosen']}"} for r in tiny_models.standard_rows()]
+    for name in ("train", "valid"):
+        tiny_models.write_jsonl(data / f"{name}.jsonl", texts)
+    (root / "sft.yaml").write_text(f"lora_parameters: {{rank: {SFT_RANK}, scale: 10.0, dropout: 0.0}}\n")
+    subprocess.run([sys.executable, "-m", "mlx_lm", "lora", "--model", str(tiny_model_dir), "--train",
+                    "--data", str(data), "--iters", "4", "--batch-size", "2", "--num-layers", "2",
+                    "--learning-rate", "1e-2", "--val-batches", "1", "--steps-per-eval", "100",
+                    "--adapter-path", str(root / "adapters"), "-c", str(root / "sft.yaml")],
+                   check=True, capture_output=True)
+    return root / "adapters"
+
+
+@pytest.fixture(scope="module")
+def sft_cache(tiny_model_dir, standard_data, sft_adapters, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft-cache") / "cache"
+    _run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", out,
+         "--max-length", 22, "--rows-per-shard", 5, "--adapter-path", sft_adapters)
+    return out
+
+
+def _rows(cache):
+    rows = [r for p in sorted(cache.glob("train/part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def _mlx_lm_logps(model_dir, adapter_path, rows):
+    """Each row's chosen log-prob from mlx_lm.load(model, adapter_path=...) itself, one sequence at a time."""
+    import mlx_lm
+
+    from mlx_dpo.schemas.sequence import truncate_sequence
+
+    model, _ = mlx_lm.load(str(model_dir), adapter_path=str(adapter_path) if adapter_path else None)
+    model.set_dtype(mx.float32)
+    out = []
+    for row in rows:
+        ids, mask = truncate_sequence(row["prompt_ids"], row["chosen_ids"], 22, "keep_start")
+        logits = model(mx.array([ids[:-1]]))[0].astype(mx.float32)
+        logps = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        picked = np.array(logps)[np.arange(len(ids) - 1), ids[1:]]
+        out.append(float((picked * np.array(mask[1:])).sum()))
+    return out
+
+
+def test_reference_is_the_model_with_the_adapters(tiny_model_dir, sft_adapters, sft_cache, standard_cache):
+    rows, base_rows = _rows(sft_cache), _rows(standard_cache)
+    ours = [r["ref_chosen_logps"] for r in rows]
+    expected = _mlx_lm_logps(tiny_model_dir, sft_adapters, rows)
+    base = _mlx_lm_logps(tiny_model_dir, None, rows)
+    assert np.allclose(ours, expected, atol=1e-4)
+    assert np.abs(np.array(ours) - np.array(base)).max() > 0.05  # the adapters do change the reference
+    assert [r["ref_chosen_logps"] for r in base_rows] == pytest.approx(base, abs=1e-4)
+    fields = json.loads((sft_cache / "manifest.json").read_text())["identity_fields"]
+    assert len(fields["reference_adapters"]) == 64
+    assert "reference_adapters" not in json.loads((standard_cache / "manifest.json").read_text())["identity_fields"]
+
+
+def test_training_continues_on_the_adapters(tiny_model_dir, sft_adapters, sft_cache, tmp_path):
+    run = tmp_path / "run"
+    output = _run("train", "--cache", sft_cache, "--model", tiny_model_dir, "--adapter-path", sft_adapters,
+                  "--output", run, "--iters", 6, "--batch-size", 2, "--learning-rate", 1e-2,
+                  "--steps-per-report", 1, "--steps-per-save", 6)
+    assert "does not start from the cache's reference" not in output
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as the reference
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["lora_parameters"]["rank"] == SFT_RANK and config["num_layers"] == 2
+    # The run's adapters alone (on the base model) are the trained policy: SFT adapters moved on.
+    rows = _rows(sft_cache)
+    after = _mlx_lm_logps(tiny_model_dir, run, rows)
+    before = _mlx_lm_logps(tiny_model_dir, sft_adapters, rows)
+    assert np.abs(np.array(after) - np.array(before)).max() > 1e-3
+
+
+def test_conflicting_lora_options_are_refused(tiny_model_dir, sft_adapters, sft_cache, tmp_path):
+    result = _invoke("train", "--cache", sft_cache, "--model", tiny_model_dir, "--adapter-path", sft_adapters,
+                     "--output", tmp_path / "run", "--lora-rank", 16)
+    assert result.exit_code != 0
+    assert f"--lora-rank 16: the adapters in {sft_adapters} have {SFT_RANK}" in result.output
+
+
+def test_a_starting_point_other_than_the_reference_is_said(tiny_model_dir, sft_adapters, sft_cache,
+                                                          standard_cache, tmp_path):
+    """One line each way: base policy on the SFT cache, SFT policy on the base cache."""
+    for cache, extra in ((sft_cache, []), (standard_cache, ["--adapter-path", sft_adapters])):
+        output = _run("train", "--cache", cache, "--model", tiny_model_dir, "--output", tmp_path / cache.parent.name,
+                      "--iters", 1, "--batch-size", 2, *extra)
+        notes = [line for line in output.splitlines() if "does not start from the cache's reference" in line]
+        assert len(notes) == 1 and "adapters: cache" in notes[0], output
+
+
+def test_missing_adapter_directory_is_one_line(tiny_model_dir, standard_data, tmp_path):
+    result = _invoke("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", tmp_path / "c",
+                     "--adapter-path", tmp_path / "nowhere")
+    assert result.exit_code != 0 and "--adapter-path" in result.output and "no such directory" in result.output
