@@ -32,6 +32,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import pytest  # noqa: E402
 
 import tiny_models  # noqa: E402
+from real_model import smollm2  # noqa: E402,F401  (session fixture: a real model, see real_model.py)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ same config first. Built once, under `~/.cache/mlx-dpo/` (or $MLX_DPO_CACHE), in
 renamed into place. Needs torch, transformers and gguf (the `test` extra).
 
     python -m mlx_dpo.smollm2            # prints the model directory
+    python -m mlx_dpo.smollm2 data DIR   # DIR/{train,valid}.jsonl: right vs wrong arithmetic
 """
 
 from __future__ import annotations
@@ -89,5 +90,50 @@ def smollm2_dir(root: Path | None = None) -> Path:
     return final
 
 
+# --- a preference set the model can learn from: right vs wrong arithmetic ---------------------------
+SYSTEM = "You are a careful calculator. Answer with the equation and its result."
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def arithmetic_rows(count: int, seed: int, operands: range) -> list[dict]:
+    """Conversational rows: a system prompt, one solved example turn, then a question; the chosen
+    answer is right, the rejected one off by 1-10. Multiplication keeps to factors below 13."""
+    import random
+
+    rng = random.Random(seed)
+
+    def question():
+        op = rng.choice(list(OPS))
+        a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.choice(operands), rng.choice(operands))
+        return f"{a} {op} {b}", OPS[op](a, b)
+
+    rows = []
+    for _ in range(count):
+        (shown, shown_value), (asked, value) = question(), question()
+        wrong = value + rng.choice([-1, 1]) * rng.randint(1, 10)
+        rows.append({
+            "prompt": [{"role": "system", "content": SYSTEM},
+                       {"role": "user", "content": f"What is {shown}?"},
+                       {"role": "assistant", "content": f"{shown} = {shown_value}."},
+                       {"role": "user", "content": f"What is {asked}?"}],
+            "chosen": [{"role": "assistant", "content": f"{asked} = {value}."}],
+            "rejected": [{"role": "assistant", "content": f"{asked} = {wrong}."}],
+        })
+    return rows
+
+
+def write_arithmetic_data(directory: Path, train_rows: int = 256, valid_rows: int = 64) -> Path:
+    """train.jsonl (operands 2-49) and valid.jsonl (operands 50-99: questions never seen in training)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", arithmetic_rows(train_rows, 0, range(2, 50))),
+                       ("valid", arithmetic_rows(valid_rows, 1, range(50, 100)))):
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return directory
+
+
 if __name__ == "__main__":
-    print(smollm2_dir(Path(sys.argv[1]) if len(sys.argv) > 1 else None))
+    if len(sys.argv) > 2 and sys.argv[1] == "data":
+        print(write_arithmetic_data(Path(sys.argv[2])))
+    else:
+        print(smollm2_dir(Path(sys.argv[1]) if len(sys.argv) > 1 else None))

@@ -1,0 +1,96 @@
+"""The whole product on a real model no one here wrote: SmolLM2-135M-Instruct (see real_model.py).
+
+The cached log-probs are checked against an exact float64 torch computation of the same token ids,
+one sequence at a time: they must be within twice the error of a plain float32 torch forward.
+"""
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+import tiny_models
+from mlx_dpo.cli import cli
+from mlx_dpo.smollm2 import arithmetic_rows
+from real_model import realistic_rows, torch_sequence_logps
+
+MAX_LENGTH = 160
+
+
+def _run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _cached_rows(cache):
+    return sorted((r for path in sorted(cache.glob("train/part-*.parquet")) for r in pq.read_table(path).to_pylist()),
+                  key=lambda r: r["index"])
+
+
+@pytest.fixture(scope="module")
+def realistic_cache(smollm2, tmp_path_factory):
+    data = tiny_models.write_jsonl(tmp_path_factory.mktemp("data") / "rows.jsonl", realistic_rows())
+    out = tmp_path_factory.mktemp("smollm2") / "cache"
+    _run("precompute", "--model", smollm2, "--data", data, "--out", out, "--max-length", MAX_LENGTH,
+         "--truncation-mode", "keep_start")
+    return out
+
+
+def test_mlx_lm_loads_it(smollm2):
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(smollm2))
+    assert len(model.layers) == 30 and model.args.tie_word_embeddings
+    assert model.args.rope_theta == 100000.0
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # the default system prompt
+
+
+def test_cached_logps_equal_float64_within_float32_error(smollm2, realistic_cache):
+    """Before the two-level logsumexp every cached value sat +0.001..+0.011 nats above exact (about
+    ten times float32 torch's error, always positive); with config.json's rope_parameters misread,
+    1-2 nats off."""
+    import torch
+
+    rows = _cached_rows(realistic_cache)
+    assert len(rows) == len(realistic_rows())  # every realistic row is trainable
+    assert max(len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in rows) > MAX_LENGTH  # one is truncated
+    exact = torch_sequence_logps(smollm2, rows, torch.float64, MAX_LENGTH, "keep_start")
+    plain = torch_sequence_logps(smollm2, rows, torch.float32, MAX_LENGTH, "keep_start")
+    ours = [[r["ref_chosen_logps"], r["ref_rejected_logps"]] for r in rows]
+    float32_error = max(abs(p - e) for ps, es in zip(plain, exact) for p, e in zip(ps, es))
+    our_error = max(abs(o - e) for os_, es in zip(ours, exact) for o, e in zip(os_, es))
+    print(f"max |error| vs float64: ours {our_error:.2e}, torch float32 {float32_error:.2e}")
+    assert our_error <= 2 * float32_error
+
+
+def test_step_one_is_ln2(smollm2, realistic_cache, tmp_path):
+    """The policy starts as the reference: at step 1 every pair's loss is ln 2 (one shared log-prob function)."""
+    run = tmp_path / "run"
+    _run("train", "--cache", realistic_cache, "--model", smollm2, "--output", run, "--iters", 1,
+         "--batch-size", 2, "--num-layers", 2, "--steps-per-report", 1)
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["split"] == "train"
+    assert first["loss"] == pytest.approx(math.log(2), abs=2e-5)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=2e-4)
+
+
+@pytest.mark.slow
+def test_short_lora_run_raises_heldout_reward_accuracy(smollm2, tmp_path):
+    """Right vs wrong arithmetic, held out on operands never seen in training (~4 min on 2 cores)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rows in (("train", arithmetic_rows(64, 0, range(2, 50))), ("valid", arithmetic_rows(32, 1, range(50, 100)))):
+        tiny_models.write_jsonl(data / f"{name}.jsonl", rows)
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    _run("precompute", "--model", smollm2, "--data", data, "--out", cache)
+    _run("train", "--cache", cache, "--model", smollm2, "--output", run, "--iters", 16, "--batch-size", 4,
+         "--learning-rate", 2e-4, "--num-layers", 8, "--steps-per-eval", 16, "--val-batches", -1)
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["split"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 16
+    assert evals[-1]["rewards/accuracies"] > evals[0]["rewards/accuracies"] + 0.2
+    assert evals[-1]["rewards/margins"] > 0
