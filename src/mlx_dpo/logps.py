@@ -68,8 +68,8 @@ def split_chosen_rejected(values, pairs: int, several: bool):
 def _logsumexp(x: mx.array) -> mx.array:
     """logsumexp over the last axis in two levels: per block of _VOCAB_BLOCK entries, then over blocks.
 
-    MLX's float32 sum on CPU adds a row's terms into one running total: next to the likely token's
-    term (~1) every tail term below half an ulp is dropped, so a one-shot logsumexp over a 49k
+    MLX's float32 sum on CPU accumulates a row sequentially: next to the likely token's term (~1)
+    every tail term below half an ulp is dropped, so a one-shot logsumexp over a 49k
     vocabulary comes out ~1e-4 low (log-probs high, always). Each block's own max and short sum keep
     the tail. (..., V) -> (...).
     """

@@ -122,7 +122,7 @@ def arithmetic_rows(count: int, seed: int, operands: range) -> list[dict]:
     return rows
 
 
-def write_arithmetic_data(directory: Path, train_rows: int = 256, valid_rows: int = 64) -> Path:
+def write_arithmetic_data(directory: Path, train_rows: int = 96, valid_rows: int = 32) -> Path:
     """train.jsonl (operands 2-49) and valid.jsonl (operands 50-99: questions never seen in training)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
