@@ -9,22 +9,11 @@ import mlx.core as mx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 import tiny_models
-from mlx_dpo.cli import cli
+from tiny_models import run_cli
 
 SFT_RANK = 4  # not our default (8): the run must take the adapters' rank
-
-
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _run(*args):
-    result = _invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +37,7 @@ def sft_adapters(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sft_cache(tiny_model_dir, standard_data, sft_adapters, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft-cache") / "cache"
-    _run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", out,
+    run_cli("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", out,
          "--max-length", 22, "--rows-per-shard", 5, "--adapter-path", sft_adapters)
     return out
 
@@ -91,10 +80,10 @@ def test_reference_is_the_model_with_the_adapters(tiny_model_dir, sft_adapters, 
 
 def test_training_continues_on_the_adapters(tiny_model_dir, sft_adapters, sft_cache, tmp_path):
     run = tmp_path / "run"
-    output = _run("train", "--cache", sft_cache, "--model", tiny_model_dir, "--adapter-path", sft_adapters,
+    result = run_cli("train", "--cache", sft_cache, "--model", tiny_model_dir, "--adapter-path", sft_adapters,
                   "--output", run, "--iters", 6, "--batch-size", 2, "--learning-rate", 1e-2,
                   "--steps-per-report", 1, "--steps-per-save", 6)
-    assert "does not start from the cache's reference" not in output
+    assert "does not start from the cache's reference" not in result.output
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as the reference
     config = json.loads((run / "adapter_config.json").read_text())
@@ -107,8 +96,8 @@ def test_training_continues_on_the_adapters(tiny_model_dir, sft_adapters, sft_ca
 
 
 def test_conflicting_lora_options_are_refused(tiny_model_dir, sft_adapters, sft_cache, tmp_path):
-    result = _invoke("train", "--cache", sft_cache, "--model", tiny_model_dir, "--adapter-path", sft_adapters,
-                     "--output", tmp_path / "run", "--lora-rank", 16)
+    result = run_cli("train", "--cache", sft_cache, "--model", tiny_model_dir, "--adapter-path", sft_adapters,
+                     "--output", tmp_path / "run", "--lora-rank", 16, ok=False)
     assert result.exit_code != 0
     assert f"--lora-rank 16: the adapters in {sft_adapters} have {SFT_RANK}" in result.output
 
@@ -117,13 +106,13 @@ def test_a_starting_point_other_than_the_reference_is_said(tiny_model_dir, sft_a
                                                           standard_cache, tmp_path):
     """One line each way: base policy on the SFT cache, SFT policy on the base cache."""
     for cache, extra in ((sft_cache, []), (standard_cache, ["--adapter-path", sft_adapters])):
-        output = _run("train", "--cache", cache, "--model", tiny_model_dir, "--output", tmp_path / cache.parent.name,
+        result = run_cli("train", "--cache", cache, "--model", tiny_model_dir, "--output", tmp_path / cache.parent.name,
                       "--iters", 1, "--batch-size", 2, *extra)
-        notes = [line for line in output.splitlines() if "does not start from the cache's reference" in line]
-        assert len(notes) == 1 and "adapters: cache" in notes[0], output
+        notes = [line for line in result.output.splitlines() if "does not start from the cache's reference" in line]
+        assert len(notes) == 1 and "adapters: cache" in notes[0], result.output
 
 
 def test_missing_adapter_directory_is_one_line(tiny_model_dir, standard_data, tmp_path):
-    result = _invoke("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", tmp_path / "c",
-                     "--adapter-path", tmp_path / "nowhere")
+    result = run_cli("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", tmp_path / "c",
+                     "--adapter-path", tmp_path / "nowhere", ok=False)
     assert result.exit_code != 0 and "--adapter-path" in result.output and "no such directory" in result.output

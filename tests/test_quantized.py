@@ -9,22 +9,11 @@ import mlx.nn as nn
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from mlx_dpo.cli import cli
 from mlx_dpo.logps import sequence_logps
 from mlx_dpo.models import load_model
 from mlx_dpo.schemas.sequence import truncate_sequence
-
-
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _run(*args):
-    result = _invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result.output
+from tiny_models import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +29,7 @@ def quantized_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def quantized_cache(quantized_dir, standard_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("q4-cache") / "cache"
-    _run("precompute", "--model", quantized_dir, "--data", standard_data, "--out", out, "--max-length", 22)
+    run_cli("precompute", "--model", quantized_dir, "--data", standard_data, "--out", out, "--max-length", 22)
     return out
 
 
@@ -72,9 +61,9 @@ def test_reference_forward_is_float32_of_the_same_weight_values(quantized_dir, q
 
 def test_train_does_qlora_and_its_adapters_load_with_mlx_lm(quantized_dir, quantized_cache, tmp_path):
     run = tmp_path / "run"
-    output = _run("train", "--cache", quantized_cache, "--model", quantized_dir, "--output", run, "--iters", 4,
+    result = run_cli("train", "--cache", quantized_cache, "--model", quantized_dir, "--output", run, "--iters", 4,
                   "--batch-size", 2, "--learning-rate", 1e-2, "--steps-per-report", 1, "--steps-per-save", 4)
-    assert "does not start from the cache's reference" not in output
+    assert "does not start from the cache's reference" not in result.output
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
 
@@ -88,6 +77,6 @@ def test_train_does_qlora_and_its_adapters_load_with_mlx_lm(quantized_dir, quant
 
 
 def test_full_fine_tuning_of_a_quantized_model_is_refused(quantized_dir, quantized_cache, tmp_path):
-    result = _invoke("train", "--cache", quantized_cache, "--model", quantized_dir, "--output", tmp_path / "run",
-                     "--fine-tune-type", "full")
+    result = run_cli("train", "--cache", quantized_cache, "--model", quantized_dir, "--output", tmp_path / "run",
+                     "--fine-tune-type", "full", ok=False)
     assert result.exit_code != 0 and "quantized" in result.output and "Traceback" not in result.output

@@ -9,20 +9,13 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 import tiny_models
-from mlx_dpo.cli import cli
 from mlx_dpo.smollm2 import arithmetic_rows
 from real_model import realistic_rows, torch_sequence_logps
+from tiny_models import run_cli
 
 MAX_LENGTH = 160
-
-
-def _run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def _cached_rows(cache):
@@ -34,7 +27,7 @@ def _cached_rows(cache):
 def realistic_cache(smollm2, tmp_path_factory):
     data = tiny_models.write_jsonl(tmp_path_factory.mktemp("data") / "rows.jsonl", realistic_rows())
     out = tmp_path_factory.mktemp("smollm2") / "cache"
-    _run("precompute", "--model", smollm2, "--data", data, "--out", out, "--max-length", MAX_LENGTH,
+    run_cli("precompute", "--model", smollm2, "--data", data, "--out", out, "--max-length", MAX_LENGTH,
          "--truncation-mode", "keep_start")
     return out
 
@@ -70,7 +63,7 @@ def test_cached_logps_equal_float64_within_float32_error(smollm2, realistic_cach
 def test_step_one_is_ln2(smollm2, realistic_cache, tmp_path):
     """The policy starts as the reference: at step 1 every pair's loss is ln 2 (one shared log-prob function)."""
     run = tmp_path / "run"
-    _run("train", "--cache", realistic_cache, "--model", smollm2, "--output", run, "--iters", 1,
+    run_cli("train", "--cache", realistic_cache, "--model", smollm2, "--output", run, "--iters", 1,
          "--batch-size", 2, "--num-layers", 2, "--steps-per-report", 1)
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1 and first["split"] == "train"
@@ -86,8 +79,8 @@ def test_short_lora_run_raises_heldout_reward_accuracy(smollm2, tmp_path):
     for name, rows in (("train", arithmetic_rows(64, 0, range(2, 50))), ("valid", arithmetic_rows(32, 1, range(50, 100)))):
         tiny_models.write_jsonl(data / f"{name}.jsonl", rows)
     cache, run = tmp_path / "cache", tmp_path / "run"
-    _run("precompute", "--model", smollm2, "--data", data, "--out", cache)
-    _run("train", "--cache", cache, "--model", smollm2, "--output", run, "--iters", 16, "--batch-size", 4,
+    run_cli("precompute", "--model", smollm2, "--data", data, "--out", cache)
+    run_cli("train", "--cache", cache, "--model", smollm2, "--output", run, "--iters", 16, "--batch-size", 4,
          "--learning-rate", 2e-4, "--num-layers", 8, "--steps-per-eval", 16, "--val-batches", -1)
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["split"] == "eval"]

@@ -282,3 +282,14 @@ def build_llama(
     model.eval()
     model.save_pretrained(str(directory), safe_serialization=True)
     return model
+
+
+def run_cli(*args, ok: bool = True):
+    """`mlx-dpo ARGS` in-process (arguments str()-ed); with `ok`, assert it exited 0. Returns click's Result."""
+    from click.testing import CliRunner
+
+    from mlx_dpo.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert not ok or result.exit_code == 0, result.output
+    return result
