@@ -11,8 +11,8 @@ from ..models import weights_hash
 from ..schemas import SCHEMA_VERSION, tokenizer_fingerprint
 from ..schemas.identity import TOKENIZATION_RULES
 from .config import PrecomputeConfig
-from .reference import reference_variant
 from .formats import Fields
+from .reference import reference_variant
 from .sources import EVAL_CACHE_SPLIT, Source, fields_of
 
 
