@@ -40,7 +40,7 @@ def config_options(config_cls):
             kind = _click_type(f.type)
             flag = "--" + f.name.replace("_", "-")
             required = f.default is dataclasses.MISSING
-            default = "" if required else f" [default: {f.default}]"
+            default = "" if required else f" [default: {f.metadata.get('shown_default', f.default)}]"
             help_text = f.metadata.get("help", "") + (" [required]" if required else default)
             shared = dict(default=None, help=help_text, cls=GroupedOption, group=f.metadata.get("group"))
             if kind is bool:

@@ -41,12 +41,12 @@ class TrainConfig:
     ld_alpha: float | None = field(default=None, metadata={"group": "Loss", "help": "LD-DPO α in [0, 1]: weight of the tokens past the shorter answer's length (needs a K = 1 cache)."})
     # fine-tuning
     adapter_path: str | None = field(default=None, metadata={"group": "Model", "help": "Start from these mlx-lm adapters (e.g. an mlx_lm.lora SFT run): LoRA/DoRA training continues on them, and the options below come from their adapter_config.json."})
-    # None: from --adapter-path's adapter_config.json, else the default in brackets (adapters.DEFAULTS)
-    fine_tune_type: str | None = field(default=None, metadata={"group": "Model", "help": "lora, dora or full (mlx-lm's tuner) [lora]."})
-    num_layers: int | None = field(default=None, metadata={"group": "Model", "help": "Trained transformer blocks, counted from the last; -1 for all [-1]."})
-    lora_rank: int | None = field(default=None, metadata={"group": "Model", "help": "LoRA/DoRA rank [8]."})
-    lora_scale: float | None = field(default=None, metadata={"group": "Model", "help": "LoRA/DoRA scale (mlx-lm's 'scale', not alpha) [20.0]."})
-    lora_dropout: float | None = field(default=None, metadata={"group": "Model", "help": "Dropout on the LoRA input [0.0]."})
+    # None: from --adapter-path's adapter_config.json, else adapters.DEFAULTS
+    fine_tune_type: str | None = field(default=None, metadata={"group": "Model", "help": "lora, dora or full (mlx-lm's tuner).", "shown_default": "lora, or the adapters'"})
+    num_layers: int | None = field(default=None, metadata={"group": "Model", "help": "Trained transformer blocks, counted from the last; -1 for all.", "shown_default": "-1, or the adapters'"})
+    lora_rank: int | None = field(default=None, metadata={"group": "Model", "help": "LoRA/DoRA rank.", "shown_default": "8, or the adapters'"})
+    lora_scale: float | None = field(default=None, metadata={"group": "Model", "help": "LoRA/DoRA scale (mlx-lm's 'scale', not alpha).", "shown_default": "20.0, or the adapters'"})
+    lora_dropout: float | None = field(default=None, metadata={"group": "Model", "help": "Dropout on the LoRA input.", "shown_default": "0.0, or the adapters'"})
     grad_checkpoint: bool = field(default=False, metadata={"group": "Model", "help": "Recompute each transformer block's activations in the backward pass instead of storing them (mlx-lm's option): less memory, more compute; same loss and gradients."})
     trust_remote_code: bool = field(default=False, metadata={"group": "Model", "help": "Allow the model directory's own Python code (custom tokenizer or model file) to run."})
     # optimisation
