@@ -3,10 +3,11 @@
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_dpo.logps import collate_pairs, sequence_logps
+from mlx_dpo.logps import _token_terms, collate_pairs, sequence_logps, token_logps
 
 
 class FixedLogits:
@@ -80,3 +81,8 @@ def test_token_logps_unbiased_over_a_large_vocabulary(vocab):
     ours = np.array(token_logps(mx.array(logits), mx.array(targets)), dtype=np.float64)
     assert np.abs(ours - exact).max() < 1e-5
     assert abs((ours - exact).mean()) < 2e-6  # no drift in one direction
+    # The chunked head path (an identity head over the same logits, 5 positions per chunk) likewise.
+    chunked = _token_terms(nn.Identity(), mx.array(logits.reshape(-1, vocab)), mx.array(targets.reshape(-1)), 5)
+    chunked = np.array(chunked, dtype=np.float64).reshape(exact.shape)
+    assert np.abs(chunked - exact).max() < 1e-5
+    assert abs((chunked - exact).mean()) < 2e-6
