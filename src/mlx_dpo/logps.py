@@ -22,6 +22,8 @@ LOGITS_CHUNK_BYTES = 256 * 2**20
 HEAD_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
 # Vocabulary entries per partial logsumexp (see _logsumexp).
 _VOCAB_BLOCK = 512
+# [chunk, V] float32 arrays alive at once at the peak, with gradients (see chunk_positions).
+LIVE_CHUNK_ARRAYS = 12
 
 
 def collate_pairs(
@@ -112,9 +114,10 @@ def chunk_positions(vocab_size: int, budget: int = LOGITS_CHUNK_BYTES) -> int:
 
     MLX's scheduler runs ahead of the computation by several ops, so the logits of one chunk, their
     exp and the next chunks' buffers are alive together: measured up to ~11 [chunk, V] float32 arrays
-    at the peak with gradients with the two-level _logsumexp (tests/trainer/test_logps_chunked.py), hence 12.
+    at the peak with gradients with the two-level _logsumexp (tests/trainer/test_logps_chunked.py), hence
+    LIVE_CHUNK_ARRAYS.
     """
-    return max(1, budget // (12 * 4 * vocab_size))
+    return max(1, budget // (LIVE_CHUNK_ARRAYS * 4 * vocab_size))
 
 
 def _token_terms(head, hidden: mx.array, targets: mx.array, chunk: int) -> mx.array:

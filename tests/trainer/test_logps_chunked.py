@@ -10,7 +10,14 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama, qwen2, qwen3
 
-from mlx_dpo.logps import chunk_positions, lm_head, plain_sequence_logps, score_plan, sequence_logps
+from mlx_dpo.logps import (
+    LIVE_CHUNK_ARRAYS,
+    chunk_positions,
+    lm_head,
+    plain_sequence_logps,
+    score_plan,
+    sequence_logps,
+)
 
 VOCAB = 300
 
@@ -53,7 +60,7 @@ def test_values_counts_and_tails_equal_the_plain_computation(module, tied):
     assert lm_head(model) is not None  # the chunked path, not the fallback
     ids, mask = batch()
     shared = mx.array([3, 9, 1, 20, 0, 7])
-    budget = 7 * 10 * 4 * VOCAB  # 7 positions per chunk: many chunks, a ragged last one
+    budget = 7 * LIVE_CHUNK_ARRAYS * 4 * VOCAB  # 7 positions per chunk: many chunks, a ragged last one
     assert chunk_positions(VOCAB, budget) == 7
     ours = sequence_logps(model, ids, mask, shared, budget=budget)
     plain = plain_sequence_logps(model, ids, mask, shared)
@@ -74,7 +81,7 @@ def test_gradients_equal_the_plain_computation(module, tied):
         loss = lambda m: (fn(m, ids, mask)[0] * mx.arange(1, 7)).sum()  # noqa: E731  distinct weight per row
         return dict(tree_flatten(nn.value_and_grad(model, loss)(model)[1]))
 
-    ours = grads(lambda m, i, k: sequence_logps(m, i, k, budget=5 * 40 * VOCAB))
+    ours = grads(lambda m, i, k: sequence_logps(m, i, k, budget=5 * LIVE_CHUNK_ARRAYS * 4 * VOCAB))
     plain = grads(plain_sequence_logps)
     assert ours.keys() == plain.keys() and any("embed_tokens" in k for k in ours)
     for name in plain:
@@ -111,7 +118,7 @@ def test_memory_above_the_body_stays_within_the_chunk_budget(vocab):
     model = tiny(llama, True, vocab=vocab, hidden=32)
     ids = mx.random.randint(0, vocab, (2, 256), key=mx.random.key(0)).astype(mx.int32)
     mask = mx.ones_like(ids)
-    budget = 32 * 2**20  # 40 chunks of 13 positions at 64k
+    budget = 32 * 2**20  # many chunks of a few positions at 64k
 
     def extra_peak(fn) -> int:
         mx.eval(ids, mask)
