@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .diagnostics import diagnostics_lines
+from .pipeline.sources import describe_inputs
 from .schemas import Manifest, read_manifest
 from .schemas.manifest import MANIFEST_NAME, inside
 from .tables import format_table, human_bytes
@@ -186,7 +187,8 @@ def _schema_lines(cache: Path, m: Manifest) -> list[str]:
 def _rows_lines(m: Manifest) -> list[str]:
     rows = [[name, f"{s.rows_in:,}", f"{s.rows_cached:,}", f"{s.rows_rejected:,}", f"{s.completion_tokens:,}"]
             for name, s in m.splits.items()]
-    return ["Rows", format_table(["split", "input", "cached", "rejected", "completion tokens"], rows, indent="  ")]
+    notes = [line for name in m.splits for line in describe_inputs(m.inputs, name, indent=f"  {name}: ")]
+    return ["Rows", format_table(["split", "input", "cached", "rejected", "completion tokens"], rows, indent="  "), *notes]
 
 
 def _rejects_lines(cache: Path, m: Manifest, examples: int = 3) -> list[str]:

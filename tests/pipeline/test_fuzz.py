@@ -60,7 +60,8 @@ def test_the_encoder_encodes_or_rejects_every_row(tokenizer, row):
     if isinstance(result, str):
         return
     vocab = len(tokenizer)
-    for name, ids in vars(result).items():
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        ids = getattr(result, name)
         assert all(isinstance(i, int) and 0 <= i < vocab for i in flat_ids(ids)), name
     assert result.chosen_ids and flat_ids(result.rejected_ids)
 

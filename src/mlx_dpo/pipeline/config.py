@@ -1,10 +1,15 @@
 """PrecomputeConfig: every option of `mlx-dpo precompute`, validated. Imports no mlx."""
 
+import json
 from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..schemas.identity import DTYPES
 from ..schemas.sequence import TRUNCATION_MODES
+
+
+# apply_chat_template arguments the encoder sets itself (TRL's tokenization).
+RESERVED_TEMPLATE_ARGUMENTS = {"conversation", "tokenize", "return_dict", "add_generation_prompt", "continue_final_message"}
 
 
 @dataclass(frozen=True)
@@ -14,10 +19,11 @@ class PrecomputeConfig:
     out: str = field(metadata={"group": "Output", "help": "Cache directory to write (manifest.json + <split>/part-NNNNN.parquet), or s3://bucket/prefix (built locally, then uploaded)."})
     split: str = field(default="train", metadata={"group": "Data", "help": "Data split to train on."})
     valid_fraction: float = field(default=0.0, metadata={"group": "Data", "help": "Hold out this fraction of --split (a fixed, seeded choice) as the valid split, when the data has none."})
-    prompt_field: str = field(default="prompt", metadata={"group": "Data", "help": "Prompt column; when absent, the prompt is the common prefix of chosen and rejected (TRL's implicit prompt)."})
+    prompt_field: str | None = field(default=None, metadata={"group": "Data", "help": "Prompt column (default: prompt, else ShareGPT's conversations; when neither exists, the prompt is split off chosen and rejected as TRL's extract_prompt does). A column given here must exist."})
     chosen_field: str = field(default="chosen", metadata={"group": "Data", "help": "Chosen-answer column."})
     rejected_field: str = field(default="rejected", metadata={"group": "Data", "help": "Rejected-answer column: one answer, or a list of K answers per prompt."})
-    system_field: str = field(default="system", metadata={"group": "Data", "help": "Optional system-prompt column (a system message for conversational prompts)."})
+    system_field: str | None = field(default=None, metadata={"group": "Data", "help": "System-prompt column (a system message for conversational prompts; default: system, if present). A column given here must exist."})
+    chat_template_kwargs: str | None = field(default=None, metadata={"group": "Tokenization", "help": "JSON object of chat-template options for every row, e.g. '{\"enable_thinking\": false}'; a row's own chat_template_kwargs column wins."})
     max_length: int | None = field(default=1024, metadata={"group": "Tokenization", "help": "Max tokens of prompt+completion (TRL's max_length)."})
     truncation_mode: str = field(default="keep_start", metadata={"group": "Tokenization", "help": "keep_start or keep_end, as TRL."})
     dtype: str | None = field(default=None, metadata={"group": "Model", "help": "Compute precision of the reference forward: float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's dtype on a GPU); part of the cache identity."})
@@ -43,6 +49,22 @@ class PrecomputeConfig:
             raise UserError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
         if not 0 <= self.shard_index < max(self.num_shards, 1) or self.num_shards < 1:
             raise UserError(f"--shard-index must be in [0, --num-shards), got {self.shard_index} of {self.num_shards}")
+        self.template_kwargs()  # a bad --chat-template-kwargs fails here, before any work
         for name in ("tokens_per_batch", "rows_per_shard"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+    def template_kwargs(self) -> dict:
+        """--chat-template-kwargs as a dict ({} when not given)."""
+        if self.chat_template_kwargs is None:
+            return {}
+        try:
+            value = json.loads(self.chat_template_kwargs)
+        except json.JSONDecodeError as error:
+            raise UserError(f"--chat-template-kwargs: not JSON ({error.msg} at column {error.colno})") from error
+        if not isinstance(value, dict):
+            raise UserError(f"--chat-template-kwargs: expected a JSON object, got {self.chat_template_kwargs!r}")
+        taken = sorted(RESERVED_TEMPLATE_ARGUMENTS & value.keys())
+        if taken:
+            raise UserError(f"--chat-template-kwargs: {', '.join(taken)} is set by mlx-dpo itself")
+        return value

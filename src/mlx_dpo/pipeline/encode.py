@@ -4,7 +4,7 @@ TRL's rule (DPOTrainer._prepare_dataset): append EOS to plain-text completions l
 tokenize the prompt alone and prompt+completion; the completion starts where the two token
 lists diverge (tokens can merge across the boundary, and chat templates may render the prompt
 differently alone); conversational rows go through the chat template, the prompt with
-add_generation_prompt=True.
+add_generation_prompt=True, with the row's `tools` and `chat_template_kwargs`.
 """
 
 from dataclasses import dataclass
@@ -17,6 +17,9 @@ class Encoded:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    # Text of the prompt's end that is in no training sequence: the template renders the prompt
+    # alone (with the generation prompt) differently than inside the conversation. None: nothing.
+    dropped_prompt_tail: str | None = None
 
 
 class RowRejected(Exception):
@@ -41,16 +44,24 @@ def _check_text(row: dict, field: str) -> None:
     if is_conversational(value):
         if not value or any(not isinstance(m.get("content"), str) for m in value):
             raise RowRejected(f"{field} has a message without string content")
+        if field != "prompt" and all(not m["content"].strip() and not m.get("tool_calls") for m in value):
+            raise RowRejected(f"empty {field}")  # as for an empty plain-text answer
     elif not isinstance(value, str):
         raise RowRejected(f"{field} is {type(value).__name__}, not a string or message list")
     elif not value.strip() and field != "prompt":
         raise RowRejected(f"empty {field}")
 
 
-def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-    )
+def _chat_ids(tokenizer, messages: list[dict], options: dict, add_generation_prompt: bool = False) -> list[int]:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise RowRejected("conversational row, but the tokenizer has no chat template")
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt, **options
+        )
+    except Exception as error:  # the template's own raise_exception, or any failure while rendering
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RowRejected(f"chat template error: {message}") from error
     return list(out["input_ids"])
 
 
@@ -64,20 +75,41 @@ def is_several(rejected) -> bool:
     )
 
 
-def _completion_ids(tokenizer, prompt, completion) -> list[int]:
+def _completion_ids(tokenizer, prompt, completion, options: dict) -> list[int]:
     """Token ids of prompt + completion, the way TRL forms them."""
     if is_conversational(prompt):
         if not is_conversational(completion):
             raise RowRejected("prompt is a message list but a completion is not")
-        return _chat_ids(tokenizer, prompt + completion, add_generation_prompt=False)
+        return _chat_ids(tokenizer, prompt + completion, options)
     if not isinstance(completion, str):
         raise RowRejected("prompt is a string but a completion is a message list")
     eos = tokenizer.eos_token
     return list(tokenizer(prompt + (completion if completion.endswith(eos) else completion + eos))["input_ids"])
 
 
-def encode_row(tokenizer, row: dict) -> Encoded:
-    """Token ids for one {prompt, chosen, rejected} row (TRL's convention, see module docstring).
+def template_options(row: dict, run_kwargs: dict | None) -> dict:
+    """Keyword arguments for apply_chat_template: the run's chat-template options, then the row's
+    tools and its own options (a row's value wins), as TRL builds {"tools": ..., **chat_template_kwargs}."""
+    options = dict(run_kwargs or {})
+    if row.get("tools") is not None or "tools" not in options:
+        options["tools"] = row.get("tools")
+    return {**options, **(row.get("chat_template_kwargs") or {})}
+
+
+def _dropped_tail(tokenizer, prompt_ids: list[int], start: int, sequences: list[list[int]]) -> str | None:
+    """The prompt text after `start` if some prompt+answer sequence does not continue with it (tokens
+    merged across the boundary keep the text, a template that renders the prompt otherwise does not)."""
+    if start == len(prompt_ids):
+        return None
+    tail = tokenizer.decode(prompt_ids[start:])
+    if all(tokenizer.decode(ids[start:]).startswith(tail) for ids in sequences):
+        return None
+    return tail
+
+
+def encode_row(tokenizer, row: dict, chat_template_kwargs: dict | None = None) -> Encoded:
+    """Token ids for one {prompt, chosen, rejected[, tools, chat_template_kwargs]} row (TRL's
+    convention, see module docstring); `chat_template_kwargs` are the run's template options.
     With K rejected answers, rejected_ids is a list of K id lists sharing one prompt."""
     several = is_several(row["rejected"])
     for field in ("prompt", "chosen") + (() if several else ("rejected",)):
@@ -88,20 +120,23 @@ def encode_row(tokenizer, row: dict) -> Encoded:
     prompt, chosen = row["prompt"], row["chosen"]
     if chosen in rejected_list:
         raise RowRejected("chosen identical to rejected")
+    options = template_options(row, chat_template_kwargs)
     if is_conversational(prompt):
-        prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
+        prompt_ids = _chat_ids(tokenizer, prompt, options, add_generation_prompt=True)
     else:
         prompt_ids = list(tokenizer(prompt)["input_ids"])
-    prompt_chosen = _completion_ids(tokenizer, prompt, chosen)
-    prompt_rejected = [_completion_ids(tokenizer, prompt, answer) for answer in rejected_list]
+    prompt_chosen = _completion_ids(tokenizer, prompt, chosen, options)
+    prompt_rejected = [_completion_ids(tokenizer, prompt, answer, options) for answer in rejected_list]
 
     # The completion starts where the prompt alone and prompt+completion diverge (for all answers).
     start = min(common_prefix_length(prompt_ids, ids) for ids in [prompt_chosen, *prompt_rejected])
     rejected_ids = [ids[start:] for ids in prompt_rejected]
-    encoded = Encoded(prompt_ids[:start], prompt_chosen[start:], rejected_ids if several else rejected_ids[0])
-    if not encoded.chosen_ids or not all(rejected_ids):
+    if not prompt_chosen[start:] or not all(rejected_ids):
         raise RowRejected("completion is empty after tokenization")
-    return encoded
+    if prompt_chosen[start:] in rejected_ids:  # e.g. " Bye." and " Bye.</s>" (EOS is appended once)
+        raise RowRejected("chosen identical to rejected after tokenization")
+    tail = _dropped_tail(tokenizer, prompt_ids, start, [prompt_chosen, *prompt_rejected])
+    return Encoded(prompt_ids[:start], prompt_chosen[start:], rejected_ids if several else rejected_ids[0], tail)
 
 
 def check_fits(encoded: Encoded, max_length: int | None, truncation_mode: str) -> None:

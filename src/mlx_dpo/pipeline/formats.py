@@ -1,43 +1,128 @@
-"""Raw rows in any supported format -> {prompt, chosen, rejected}, before tokenization.
+"""Raw rows in any supported format -> {prompt, chosen, rejected, tools, chat_template_kwargs}.
 
-| format          | columns                                                                  |
-|-----------------|--------------------------------------------------------------------------|
-| standard        | prompt, chosen, rejected: strings                                        |
-| conversational  | prompt: messages; chosen, rejected: assistant messages                   |
-| implicit prompt | chosen, rejected only: the prompt is their longest common prefix (TRL)   |
-| K rejected      | rejected: a list of strings, or a list of message lists                  |
+| format          | columns                                                                        |
+|-----------------|--------------------------------------------------------------------------------|
+| standard        | prompt, chosen, rejected: strings                                              |
+| conversational  | prompt: messages; chosen, rejected: assistant messages, or one message object  |
+| sharegpt        | conversations: {from, value} messages; chosen, rejected: one {from, value}     |
+| implicit prompt | chosen, rejected only: the prompt is split off as TRL's extract_prompt does    |
+| K rejected      | rejected: a list of strings, or a list of message lists                        |
 Column names are configurable; an optional system column becomes a system message (or, for
-plain-text prompts, a first paragraph).
+plain-text prompts, a first paragraph). Optional `tools` (a list, or its JSON text) and
+`chat_template_kwargs` (an object) columns go to the chat template as TRL passes them.
 """
 
+import json
 from dataclasses import dataclass
 
 from .encode import RowRejected, is_conversational, is_several
 
+# ShareGPT / LLaMA-Factory speaker names -> chat-template roles.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "observation": "tool", "tool": "tool", "function_call": "assistant"}
+
 
 @dataclass(frozen=True)
 class Fields:
-    prompt: str = "prompt"
+    """Column names by role; prompt None = implicit prompt, system None = no system column. Every
+    role's column is part of the cache identity (pipeline/identity.py hashes them)."""
+
+    prompt: str | None = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
-    system: str = "system"
-
-    def missing(self, columns: list[str]) -> list[str]:
-        """Required columns absent from `columns` (the prompt may be implicit)."""
-        return [name for name in (self.chosen, self.rejected) if name not in columns]
+    system: str | None = "system"
+    tools: str = "tools"  # TRL's names
+    chat_template_kwargs: str = "chat_template_kwargs"
 
 
-def common_prefix(chosen, rejected):
-    """(prompt, chosen rest, rejected rest): TRL's extract_prompt, without its off-by-one when one
-    side is a prefix of the other. For text, a space before the split point stays with the answers."""
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
-    if isinstance(chosen, str) and n > 0 and chosen[n - 1] == " ":
-        n -= 1
-    return chosen[:n], chosen[n:], rejected[n:]
+def drop_nulls(value):
+    """`value` without null entries in its objects: Arrow gives every object of a column the keys of
+    all of them, absent ones as null, and a template must see the keys the row has."""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
+
+
+def _is_message(value) -> bool:
+    return isinstance(value, dict) and ({"role", "content"} <= value.keys() or {"from", "value"} <= value.keys())
+
+
+def _message(value: dict) -> dict:
+    if value.get("from") is None:  # {role, content}; Arrow may add from/value as null
+        return {k: v for k, v in value.items() if v is not None or k == "content"}
+    speaker = value["from"]
+    if speaker not in SHAREGPT_ROLES:
+        raise RowRejected(f"unknown ShareGPT speaker {speaker!r} (known: {', '.join(SHAREGPT_ROLES)})")
+    if speaker == "function_call":  # LLaMA-Factory: the value is the call's JSON {name, arguments}
+        return {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": _json(value["value"], "function_call")}]}
+    extra = {k: v for k, v in value.items() if k not in ("from", "value") and v is not None}
+    return {"role": SHAREGPT_ROLES[speaker], "content": value["value"], **extra}
+
+
+def as_messages(value):
+    """(messages, sharegpt): a message list in {role, content} form for one message object or a list
+    of them (either form); (value, False) unchanged for anything else."""
+    if _is_message(value):
+        return [_message(value)], value.get("from") is not None
+    if isinstance(value, list) and value and all(_is_message(m) for m in value):
+        return [_message(m) for m in value], any(m.get("from") is not None for m in value)
+    return value, False
+
+
+def _json(value, name: str):
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise RowRejected(f"{name} is not valid JSON ({error.msg} at column {error.colno})") from error
+
+
+def row_template_options(raw: dict, fields: Fields) -> tuple[list | None, dict]:
+    """The row's tools (None when absent) and chat-template keyword arguments ({} when absent)."""
+    tools = drop_nulls(_json(raw.get(fields.tools), fields.tools))
+    if tools is not None and not isinstance(tools, list):
+        raise RowRejected(f"{fields.tools} is {type(tools).__name__}, not a list of tool definitions")
+    kwargs = drop_nulls(_json(raw.get(fields.chat_template_kwargs), fields.chat_template_kwargs)) or {}
+    if not isinstance(kwargs, dict):
+        raise RowRejected(f"{fields.chat_template_kwargs} is {type(kwargs).__name__}, not an object")
+    return tools, kwargs
+
+
+def extract_prompt(chosen, rejected):
+    """(prompt, chosen rest, rejected rest), split as TRL 1.16's extract_prompt splits: at the first
+    difference, a space before it going with the answers; when one side is a prefix of the other,
+    one item before its end (TRL's loop index stops there)."""
+    n = min(len(chosen), len(rejected))
+    if n == 0:
+        raise RowRejected(f"empty {'chosen' if not chosen else 'rejected'}")
+    split = next((i for i in range(n) if chosen[i] != rejected[i]), None)
+    if split is None:
+        split = n - 1
+    elif split > 0 and chosen[split - 1] == " ":
+        split -= 1
+    elif split == 0 and chosen[-1] == " ":
+        # TRL's chosen[idx - 1] wraps around to the last character and keeps all but one as "prompt".
+        raise RowRejected("no prompt column, and chosen and rejected share no prefix")
+    return chosen[:split], chosen[split:], rejected[split:]
+
+
+def _implicit(chosen, rejected, fields: Fields):
+    if is_several(rejected):
+        raise RowRejected("no prompt column: an implicit prompt needs exactly one rejected answer")
+    for name, value in ((fields.chosen, chosen), (fields.rejected, rejected)):
+        if not isinstance(value, str | list) or (isinstance(value, list) and not is_conversational(value)):
+            raise RowRejected(f"{name} is {type(value).__name__}, not a string or message list")
+    if type(chosen) is not type(rejected):
+        raise RowRejected("no prompt column, and chosen and rejected are of different types")
+    if chosen == rejected:
+        raise RowRejected("chosen identical to rejected")
+    prompt, chosen, rejected = extract_prompt(chosen, rejected)
+    if isinstance(prompt, list) and not prompt:
+        raise RowRejected("no prompt column, and chosen and rejected share no first message")
+    return prompt, chosen, rejected
 
 
 def _add_system(prompt, system):
@@ -50,20 +135,24 @@ def _add_system(prompt, system):
     return f"{system}\n\n{prompt}"
 
 
-def normalize(raw: dict, fields: Fields) -> dict:
-    """{prompt, chosen, rejected} with rejected a single answer, or a list of K answers."""
-    chosen, rejected = raw[fields.chosen], raw[fields.rejected]
-    if fields.prompt in raw and raw[fields.prompt] is not None:
-        prompt = raw[fields.prompt]
-    elif is_several(rejected):
-        raise RowRejected("no prompt column: an implicit prompt needs exactly one rejected answer")
+def normalize(raw: dict, fields: Fields) -> tuple[dict, str]:
+    """({prompt, chosen, rejected, tools, chat_template_kwargs}, format name) for one raw row;
+    rejected is a single answer or a list of K answers. Raises RowRejected with the reason."""
+    chosen, sharegpt_chosen = as_messages(raw[fields.chosen])
+    rejected, sharegpt_rejected = as_messages(raw[fields.rejected])
+    if is_several(rejected):
+        rejected = [as_messages(answer)[0] for answer in rejected]
+    if fields.prompt is None:
+        prompt, chosen, rejected = _implicit(chosen, rejected, fields)
+        kind, sharegpt = "implicit prompt", sharegpt_chosen or sharegpt_rejected
     else:
-        for name, value in ((fields.chosen, chosen), (fields.rejected, rejected)):
-            if not isinstance(value, str | list) or not value:
-                raise RowRejected(f"empty {name}" if value in ("", [], None) else f"{name} is {type(value).__name__}, not a string or message list")
-        if type(chosen) is not type(rejected):
-            raise RowRejected("no prompt column, and chosen and rejected are of different types")
-        prompt, chosen, rejected = common_prefix(chosen, rejected)
-        if not prompt:
-            raise RowRejected("no prompt column, and chosen and rejected share no prefix")
-    return {"prompt": _add_system(prompt, raw.get(fields.system)), "chosen": chosen, "rejected": rejected}
+        if raw.get(fields.prompt) is None:
+            raise RowRejected("missing prompt")
+        prompt, sharegpt = as_messages(raw[fields.prompt])
+        sharegpt = sharegpt or sharegpt_chosen or sharegpt_rejected
+        kind = "conversational" if is_conversational(prompt) else "standard"
+    kind = "sharegpt" if sharegpt else kind
+    tools, kwargs = row_template_options(raw, fields)
+    row = {"prompt": _add_system(prompt, raw.get(fields.system) if fields.system else None),
+           "chosen": chosen, "rejected": rejected, "tools": tools, "chat_template_kwargs": kwargs}
+    return row, kind

@@ -13,7 +13,7 @@ from ..schemas.identity import TOKENIZATION_RULES
 from .config import PrecomputeConfig
 from .formats import Fields
 from .reference import reference_variant
-from .sources import EVAL_CACHE_SPLIT, Source, fields_of
+from .sources import EVAL_CACHE_SPLIT, Source
 
 
 def data_hash(source: Source, fields: Fields) -> str:
@@ -41,11 +41,13 @@ def identity_fields(cfg: PrecomputeConfig, sources: dict[str, Source], eval_name
         "dtype": dtype,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "tokenization_rules": TOKENIZATION_RULES,
-        "data": {name: data_hash(source, fields_of(cfg)) for name, source in sources.items()},
+        "data": {name: data_hash(source, source.fields) for name, source in sources.items()},
         "options": {
             "max_length": cfg.max_length,
             "truncation_mode": cfg.truncation_mode,
             "splits": {"train": cfg.split, EVAL_CACHE_SPLIT: eval_name},
             "valid_fraction": cfg.valid_fraction if eval_name is None else 0.0,
+            # Only when given, so the identity of caches made without the option does not change.
+            **({"chat_template_kwargs": cfg.template_kwargs()} if cfg.template_kwargs() else {}),
         },
     }

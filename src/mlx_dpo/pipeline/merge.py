@@ -56,6 +56,7 @@ def merge(out: Path, parts: list[Path], log=print) -> Manifest:
     _check_parts(parts, records)
     base = {key: records[0][key] for key in ("identity", "identity_fields", "reference_model", "max_length",
                                              "truncation_mode", "rejected_per_prompt", "rows_in", "input_splits")}
+    base["inputs"] = records[0].get("inputs", {})
     tasks = plan(base["rows_in"], records[0]["rows_per_shard"])
     make_dirs(out)
     with cache_lock(out):

@@ -40,7 +40,7 @@ from .shards import (
     write_partial,
     write_sidecar,
 )
-from .sources import EVAL_CACHE_SPLIT, encode_source, select_sources, settle_rejected_count
+from .sources import EVAL_CACHE_SPLIT, describe_inputs, encode_source, select_sources, settle_rejected_count
 from .write import shard_identity, write_shard
 
 
@@ -190,7 +190,8 @@ def _build(run: _Run, input_splits: dict, staging: bool, workers: int, worker: i
                 "nothing to compute.")
         return existing
 
-    encoded = {name: encode_source(run.tokenizer, source, cfg) for name, source in run.sources.items()}
+    results = {name: encode_source(run.tokenizer, source, cfg) for name, source in run.sources.items()}
+    encoded = {name: rows for name, (rows, _) in results.items()}
     positions = {name: source.indices for name, source in run.sources.items()}
     rejected_per_prompt = settle_rejected_count(encoded)
     if cfg.strict:
@@ -207,7 +208,8 @@ def _build(run: _Run, input_splits: dict, staging: bool, workers: int, worker: i
 
     base = dict(identity=identity, identity_fields=run.fields, reference_model=cfg.model, max_length=cfg.max_length,
                 truncation_mode=cfg.truncation_mode, rejected_per_prompt=rejected_per_prompt, rows_in=rows_in,
-                input_splits={name: input_splits[name] for name in rows_in})
+                input_splits={name: input_splits[name] for name in rows_in},
+                inputs={name: notes.to_json() for name, (_, notes) in results.items()})
     if cfg.num_shards > 1:
         write_partial(out, base, cfg.rows_per_shard, workers, worker)
         run.log(f"Shard set {worker} of {workers} written to {out} ({len(mine)} of {len(tasks)} shards); "
@@ -262,10 +264,11 @@ def _summary(manifest: Manifest, seconds: float, reused: dict) -> str:
         rejected = f"{s.rows_rejected:,} rejected" + (f": {reasons}" if reasons else "")
         if not any_reused:
             lines.append(f"  {name}: {s.rows_in:,} rows: {s.rows_cached:,} cached, {rejected}")
-            continue
-        counts = reused.get(name, {})
-        sources = [f"{n:,} reused from {label}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1])]
-        computed = f"{s.rows_cached - sum(counts.values()):,} computed"
-        lines.append(f"  {name}: {s.rows_in:,} rows: " + ", ".join(sources + [computed])
-                     + (f", {rejected}" if s.rows_rejected else ""))
+        else:
+            counts = reused.get(name, {})
+            sources = [f"{n:,} reused from {label}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+            computed = f"{s.rows_cached - sum(counts.values()):,} computed"
+            lines.append(f"  {name}: {s.rows_in:,} rows: " + ", ".join(sources + [computed])
+                         + (f", {rejected}" if s.rows_rejected else ""))
+        lines += describe_inputs(manifest.inputs, name)
     return f"Cache {manifest.identity[:12]} written in {seconds:.1f}s\n" + "\n".join(lines)

@@ -153,7 +153,8 @@ def finish(out: Path, tasks: list[ShardTask], base: dict) -> Manifest:
     """Rejects file, then the manifest (last: it marks the cache complete), once every input row is
     cached or rejected exactly once and every split has cached rows. `base` holds the manifest's
     run-level fields: identity, identity_fields, reference_model, max_length, truncation_mode,
-    rejected_per_prompt, rows_in, input_splits (cache split -> data split)."""
+    rejected_per_prompt, rows_in, input_splits (cache split -> data split), inputs (what encoding
+    found per split)."""
     missing = [str(t.path(out)) for t in tasks if not is_complete(t, out, base["identity"])]
     if missing:
         raise UserError(f"{out}: {len(missing)} shard(s) missing or incomplete, e.g. {missing[0]}")
@@ -163,7 +164,7 @@ def finish(out: Path, tasks: list[ShardTask], base: dict) -> Manifest:
         schema_version=SCHEMA_VERSION, identity=base["identity"], identity_fields=base["identity_fields"],
         reference_model=base["reference_model"], max_length=base["max_length"],
         truncation_mode=base["truncation_mode"], splits=infos, rejects_file=REJECTS_NAME,
-        rejected_per_prompt=base["rejected_per_prompt"],
+        rejected_per_prompt=base["rejected_per_prompt"], inputs=base.get("inputs", {}),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), mlx_dpo_version=__version__,
     )
     if problems := check_accounting(out, manifest):

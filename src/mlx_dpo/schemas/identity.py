@@ -13,15 +13,16 @@ from pathlib import Path
 # schema_version: the cache layout; reference_weights: content hash of what mlx-lm loads (weights,
 # config, quantization); dtype: the reference's compute precision; tokenizer: its behaviour incl. the
 # chat template; tokenization_rules: TOKENIZATION_RULES; data: per split, the rows used; options:
-# max_length, truncation_mode, splits, valid_fraction. Present only when used (so other caches keep
-# their identity): reference_adapters (--adapter-path's fingerprint) and reference_dequantized (the
-# quantization a CPU reference was dequantized from).
+# max_length, truncation_mode, splits, valid_fraction, chat_template_kwargs. Present only when used
+# (so other caches keep their identity): options.chat_template_kwargs, reference_adapters
+# (--adapter-path's fingerprint) and reference_dequantized (the quantization a CPU reference was
+# dequantized from).
 IDENTITY_FIELDS = ("schema_version", "reference_weights", "dtype", "tokenizer", "tokenization_rules", "data", "options")
 # Compute precisions of the reference forward (mlx dtype names).
 DTYPES = ("float32", "bfloat16", "float16")
 # Version of how mlx-dpo turns a row into token ids (pipeline/formats.py, encode.py): bump it when
 # those rules change, so caches built under the old rules are not reused.
-TOKENIZATION_RULES = 1
+TOKENIZATION_RULES = 2  # 2: TRL's extract_prompt split, ShareGPT, tools and template options (#12)
 
 
 class CacheMismatch(Exception):

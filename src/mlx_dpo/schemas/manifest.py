@@ -51,6 +51,8 @@ class Manifest:
     splits: dict[str, SplitInfo]
     rejects_file: str | None = None
     rejected_per_prompt: int = 1  # K: rejected answers per prompt (list columns when > 1)
+    # Per split: {"formats": {name: rows}, "prompt_tail_dropped": rows, "prompt_tail_example": {index, dropped}}
+    inputs: dict = field(default_factory=dict)
     created_at: str = ""
     mlx_dpo_version: str = ""
 
