@@ -16,10 +16,10 @@ USER = {"role": "user", "content": "What color is the sky?"}
 IMPLICIT = Fields(prompt=None)
 
 
-def split(raw, fields=Fields()):
+def split(raw, fields=None):
     """normalize's row, or the reason it rejects the row."""
     try:
-        result = normalize(raw, fields)
+        result = normalize(raw, fields or Fields())
     except RowRejected as reason:
         return str(reason)
     return result[0] if isinstance(result, tuple) else result
@@ -159,7 +159,7 @@ def test_sharegpt_and_message_objects_cache_as_message_lists(tiny_model_dir, tmp
                  "rejected": _sharegpt([msg("assistant", r)])[0]} for p, c, r in CONVERSATIONS]
     results = {name: precompute(tiny_model_dir, rows, tmp_path / name)
                for name, rows in (("lists", lists), ("objects", objects), ("sharegpt", sharegpt))}
-    for name, result in results.items():
+    for result in results.values():
         assert result.exit_code == 0, result.output
     assert "format: sharegpt" in results["sharegpt"].output
     assert "format: conversational" in results["objects"].output

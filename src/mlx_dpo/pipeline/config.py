@@ -7,7 +7,6 @@ from ..errors import UserError
 from ..schemas.identity import DTYPES
 from ..schemas.sequence import TRUNCATION_MODES
 
-
 # apply_chat_template arguments the encoder sets itself (TRL's tokenization).
 RESERVED_TEMPLATE_ARGUMENTS = {"conversation", "tokenize", "return_dict", "add_generation_prompt", "continue_final_message"}
 
