@@ -278,4 +278,4 @@ def test_conversational_rows_need_a_chat_template(request, tmp_path):
     result = CliRunner().invoke(cli, ["precompute", "--model", str(model_dir), "--data", str(data),
                                       "--out", str(tmp_path / "cache")], catch_exceptions=False)
     assert result.exit_code == 1
-    assert "every row was rejected (1 conversational row, but the tokenizer has no chat template)" in result.output
+    assert "none of its 1 rows could be cached (1 conversational row, but the tokenizer has no chat template)" in result.output
