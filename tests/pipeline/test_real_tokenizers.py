@@ -11,6 +11,7 @@ Rows we reject by design (missing prompt, answers identical after tokenization) 
 """
 
 import json
+import warnings
 
 import pyarrow.parquet as pq
 import pytest
@@ -139,8 +140,10 @@ def trl_token_ids(model_dir, rows: dict[int, dict], max_length, truncation_mode,
     if not any(row["chat_template_kwargs"] for row in rows.values()):  # Arrow has no struct without fields
         rows = {i: {k: v for k, v in row.items() if k != "chat_template_kwargs"} for i, row in rows.items()}
     dataset = Dataset.from_list(list(rows.values()))
-    args = DPOConfig(output_dir=str(output_dir), max_length=max_length, truncation_mode=truncation_mode, report_to=[],
-                     use_cpu=True, bf16=False, save_strategy="no", dataloader_num_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # keep_end is deprecated in TRL (still supported)
+        args = DPOConfig(output_dir=str(output_dir), max_length=max_length, truncation_mode=truncation_mode,
+                         report_to=[], use_cpu=True, bf16=False, save_strategy="no", dataloader_num_workers=0)
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), args=args,
                          train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(str(model_dir)))
     return {e[ROW]: (list(e["prompt_ids"]), list(e["chosen_ids"]), list(e["rejected_ids"])) for e in trainer.train_dataset}
