@@ -66,6 +66,8 @@ def test_shard_jobs_and_merge_give_the_same_cache(setup, tmp_path):
     assert result.exit_code == 0, result.output
     assert shards(tmp_path / "merged") == shards(root / "single")
     assert run("cache", "verify", tmp_path / "merged").exit_code == 0
+    inputs = [json.loads((path / "manifest.json").read_text())["inputs"] for path in (tmp_path / "merged", root / "single")]
+    assert inputs[0] == inputs[1] and inputs[0]["train"]["formats"] == {"standard": 8}  # what encoding found
 
     missing = run("cache", "merge", tmp_path / "m2", tmp_path / "part0", tmp_path / "part1")
     assert missing.exit_code == 1 and "need shard indices 0..2 exactly once, got [0, 1]" in missing.output
