@@ -129,23 +129,22 @@ def trl_row(row: dict, run_kwargs: dict) -> dict:
     return out
 
 
-def trl_token_ids(model_dir, rows: dict[int, dict], max_length, truncation_mode, output_dir) -> dict[int, tuple]:
+def trl_token_ids(model, tokenizer, rows: dict[int, dict], max_length, truncation_mode, output_dir) -> dict[int, tuple]:
     """{row: (prompt_ids, chosen_ids, rejected_ids)} from TRL 1.16's DPOTrainer dataset preparation."""
-    import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     rows = {i: {**row, ROW: i} for i, row in rows.items()}
     if not any(row["chat_template_kwargs"] for row in rows.values()):  # Arrow has no struct without fields
         rows = {i: {k: v for k, v in row.items() if k != "chat_template_kwargs"} for i, row in rows.items()}
-    dataset = Dataset.from_list(list(rows.values()))
+    # Iterable: TRL tokenizes lazily, and datasets does not hash the 150k-token tokenizer to fingerprint each map.
+    dataset = Dataset.from_list(list(rows.values())).to_iterable_dataset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # keep_end is deprecated in TRL (still supported)
         args = DPOConfig(output_dir=str(output_dir), max_length=max_length, truncation_mode=truncation_mode,
-                         report_to=[], use_cpu=True, bf16=False, save_strategy="no", dataloader_num_workers=0)
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), args=args,
-                         train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(str(model_dir)))
+                         report_to=[], use_cpu=True, bf16=False, save_strategy="no", dataloader_num_workers=0,
+                         max_steps=1)  # an iterable dataset has no length; nothing is trained
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     return {e[ROW]: (list(e["prompt_ids"]), list(e["chosen_ids"]), list(e["rejected_ids"])) for e in trainer.train_dataset}
 
 
@@ -173,17 +172,18 @@ def torch_logps(model, prompt_ids, completion_ids, max_length, mode) -> float:
 
 @pytest.fixture(scope="module")
 def torch_models():
-    """{(model dir, dtype name): model}, loaded on first use."""
+    """get(model dir, "float64" | "float32" | "tokenizer"): the torch model or the tokenizer, loaded once."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded = {}
 
-    def get(model_dir, dtype):
-        key = (str(model_dir), dtype)
+    def get(model_dir, kind):
+        key = (str(model_dir), kind)
         if key not in loaded:
-            loaded[key] = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), dtype=getattr(torch, dtype), attn_implementation="eager").eval()
+            loaded[key] = AutoTokenizer.from_pretrained(str(model_dir)) if kind == "tokenizer" else (
+                AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, kind),
+                                                     attn_implementation="eager").eval())
         return loaded[key]
 
     return get
@@ -254,7 +254,8 @@ def test_real_tokenizer_ids_match_trl_and_logps_are_exact(group, request, tmp_pa
                          if i not in rejects or rejects[i].startswith("prompt fills max_length")})
 
     keys = sorted(trl_rows)
-    trl = trl_token_ids(model_dir, {k: trl_rows[key] for k, key in enumerate(keys)}, max_length, mode, tmp_path / "trl")
+    trl = trl_token_ids(torch_models(model_dir, "float32"), torch_models(model_dir, "tokenizer"),
+                        {k: trl_rows[key] for k, key in enumerate(keys)}, max_length, mode, tmp_path / "trl")
     trl = {keys[k]: value for k, value in trl.items()}
     assert sorted(trl) == sorted(ours), "TRL dropped other rows (a prompt filling max_length)"
     for key, row in ours.items():
