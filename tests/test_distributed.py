@@ -9,18 +9,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 import tiny_models
-from mlx_dpo.cli import cli
 
 BIN = Path(sys.executable).parent
 TRAIN_ARGS = ["--iters", "4", "--learning-rate", "1e-3", "--steps-per-report", "1", "--steps-per-eval", "2",
               "--lr-schedule", "constant", "--eval-generate", "1", "--eval-max-tokens", "4"]
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 def launch(*args):

@@ -14,18 +14,15 @@ import urllib.request
 
 import pyarrow.fs as pafs
 import pytest
-from click.testing import CliRunner
 
 import tiny_models
 from mlx_dpo import remote
-from mlx_dpo.cli import cli
 
 BUCKET = "mlx-dpo-test"
 CACHE_URL = f"s3://{BUCKET}/caches/c1"
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 def one_line_error(result, expected):

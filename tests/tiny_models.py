@@ -284,12 +284,18 @@ def build_llama(
     return model
 
 
-def run_cli(*args, ok: bool = True):
-    """`mlx-dpo ARGS` in-process (arguments str()-ed); with `ok`, assert it exited 0. Returns click's Result."""
+def invoke_cli(*args, catch_exceptions: bool = False):
+    """`mlx-dpo ARGS` in-process (arguments str()-ed); click's Result. By default an unexpected exception
+    propagates with its traceback instead of being folded into the Result."""
     from click.testing import CliRunner
 
     from mlx_dpo.cli import cli
 
-    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=catch_exceptions)
+
+
+def run_cli(*args, ok: bool = True):
+    """`mlx-dpo ARGS` in-process (arguments str()-ed); with `ok`, assert it exited 0. Returns click's Result."""
+    result = invoke_cli(*args, catch_exceptions=True)
     assert not ok or result.exit_code == 0, result.output
     return result

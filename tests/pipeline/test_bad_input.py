@@ -5,15 +5,13 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from mlx_dpo.cli import cli
+import tiny_models
 
 GOOD = {"prompt": "Question: what is two plus two?\nAnswer:", "chosen": " four.", "rejected": " five."}
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 def write(path, text: str | bytes):

@@ -6,16 +6,12 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 import tiny_models
 from conftest import atomic_temp_name
-from mlx_dpo.cli import cli
 from mlx_dpo.models import weights_hash
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 def manifest_of(cache):

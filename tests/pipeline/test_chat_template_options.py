@@ -8,9 +8,8 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from mlx_dpo.cli import cli
+import tiny_models
 
 ROLE_TURNS = (
     "{% for message in messages %}"
@@ -43,8 +42,7 @@ ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}}
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 def model_with_template(tiny_model_dir, directory, template):

@@ -11,15 +11,11 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 import tiny_models
-from mlx_dpo.cli import cli
 from mlx_dpo.pipeline.lock import LOCK_NAME, cache_lock
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 def cache_rows(cache):

@@ -6,9 +6,8 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from mlx_dpo.cli import cli
+import tiny_models
 from mlx_dpo.pipeline.encode import RowRejected
 from mlx_dpo.pipeline.formats import Fields, normalize
 
@@ -25,8 +24,7 @@ def split(raw, fields=None):
     return result[0] if isinstance(result, tuple) else result
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 def precompute(model, rows, out, *flags):

@@ -6,13 +6,10 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from mlx_dpo.cli import cli
+import tiny_models
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 def read_rows(cache, split="train"):

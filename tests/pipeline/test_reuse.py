@@ -8,10 +8,8 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 import tiny_models
-from mlx_dpo.cli import cli
 
 NEW_ROWS = [
     {"prompt": "Name a colour:", "chosen": " blue.", "rejected": " seven."},
@@ -21,8 +19,7 @@ NEW_ROWS = [
 VALUE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tail_logps", "ref_rejected_tail_logps")
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 def precompute(model, data, out, *extra):

@@ -6,15 +6,11 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 import tiny_models
-from mlx_dpo.cli import cli
 from mlx_dpo.trainer.stream import PairStream
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 @pytest.fixture(scope="module")

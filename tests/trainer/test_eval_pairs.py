@@ -18,8 +18,7 @@ ARGS = ["--iters", 4, "--batch-size", 3, "--learning-rate", 1e-2, "--steps-per-r
         "--steps-per-save", 2, "--eval-generate", 2, "--eval-max-tokens", 6, "--lora-dropout", 0.1]
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,11 @@ import math
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
 import tiny_models
-from mlx_dpo.cli import cli
 from mlx_dpo.trainer.config import LOSS_TYPES
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,14 @@ import math
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
 import tiny_models
 from conftest import atomic_temp_name
-from mlx_dpo.cli import cli
 
 NOTE = "Note: policy "
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 def train(cache, model, out, *extra):

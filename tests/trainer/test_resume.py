@@ -9,10 +9,8 @@ import sys
 import time
 
 import pytest
-from click.testing import CliRunner
 
 import tiny_models
-from mlx_dpo.cli import cli
 
 TIMING = ("tokens_per_sec", "peak_memory_gb")
 # 12 rows in global batches of 4 x 2 micro-batches: an epoch is a step of 8 pairs and one of 4, so
@@ -22,8 +20,7 @@ ARGS = ["--iters", 7, "--batch-size", 4, "--grad-accumulation-steps", 2, "--lear
         "--steps-per-eval", 3, "--steps-per-save", 2]
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 @pytest.fixture(scope="module")

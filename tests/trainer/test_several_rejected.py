@@ -5,14 +5,10 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 import tiny_models
-from mlx_dpo.cli import cli
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,15 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
 import tiny_models
-from mlx_dpo.cli import cli
 
 METRICS = {"step", "split", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
            "rewards/margins", "logps/chosen", "logps/rejected", "ntoks"}
 TRAIN_ONLY = {"tokens_per_sec", "peak_memory_gb", "learning_rate", "grad_norm"}
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+run = tiny_models.invoke_cli
 
 
 @pytest.fixture(scope="module")
