@@ -17,7 +17,21 @@ from .manifest import Manifest, inside
 
 __all__ = ["check_accounting", "check_cache", "coverage_problem", "file_sha256", "inside"]
 
-LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+def first_non_finite(table: pa.Table) -> tuple[str, int, float] | None:
+    """The first NaN or inf among a shard table's reference log-prob columns (every `ref_*` column, the
+    K rejected answers' lists flattened): (column, row position in `table`, value), or None."""
+    for column in table.column_names:
+        if not column.startswith("ref_"):
+            continue
+        values = table[column].combine_chunks()
+        rows = None
+        if pa.types.is_list(values.type):  # K rejected answers per row
+            rows, values = pc.list_parent_indices(values), pc.list_flatten(values)
+        bad = pc.invert(pc.is_finite(values))
+        if pc.any(bad).as_py():
+            at = pc.index(bad, True).as_py()
+            return column, (at if rows is None else rows[at].as_py()), values[at].as_py()
+    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -117,18 +131,9 @@ def _check_contents(path: Path, parquet: pq.ParquetFile, manifest: Manifest) -> 
     except (OSError, pa.ArrowException) as error:
         return [f"{path}: unreadable data ({error})"]
     problems = []
-    for column in LOGPS_COLUMNS:
-        values = table[column]
-        if pa.types.is_list(values.type):  # K rejected: one value per answer
-            values = pc.list_flatten(values)
-            bad = pc.invert(pc.is_finite(values))
-            if pc.any(bad).as_py():
-                problems.append(f"{path}: {column} has a non-finite value")
-            continue
-        bad = pc.invert(pc.is_finite(values))
-        if pc.any(bad).as_py():
-            row = table["index"][pc.index(bad, True).as_py()].as_py()
-            problems.append(f"{path}: row {row}: {column} is not finite")
+    if (found := first_non_finite(table)) is not None:
+        column, position, _ = found
+        problems.append(f"{path}: row {table['index'][position].as_py()}: {column} is not finite")
     return problems
 
 

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import UserError
 from ..logps import collate_pairs, score_plan
 from ..schemas.sequence import pair_length
+from ..schemas.verify import first_non_finite
 
 # The length-order jitter spans this many global batches: a row's neighbours change between epochs even
 # when the buffer holds only a few batches, at a padding cost of a few points (README: Training).
@@ -62,21 +61,13 @@ def iter_rows(shards: list[Path], rng: np.random.Generator | None, columns=ROW_C
 def _check_finite(table, shard: Path, first_row: int) -> None:
     """A NaN or inf reference log-prob is a damaged cache (precompute never writes one): stop at it
     rather than train on it. One vectorised check per row group."""
-    for name in table.column_names:
-        if not name.startswith("ref_"):
-            continue
-        column = table[name].combine_chunks()
-        if pa.types.is_list(column.type):  # K rejected answers per row
-            values, rows = column.flatten().to_numpy(zero_copy_only=False), pc.list_parent_indices(column).to_numpy()
-        else:
-            values, rows = column.to_numpy(zero_copy_only=False), np.arange(len(column))
-        bad = ~np.isfinite(values)
-        if bad.any():
-            row = int(rows[np.argmax(bad)])
-            cache = shard.parent.parent if (shard.parent.parent / "manifest.json").exists() else shard.parent
-            raise UserError(f"{shard}: row {first_row + row} (index {table['index'][row].as_py()}): {name} is "
-                            f"{values[np.argmax(bad)]}, not finite; the cache is damaged: run "
-                            f"`mlx-dpo cache verify {cache}`, then rebuild it with `mlx-dpo precompute --overwrite`")
+    if (found := first_non_finite(table)) is None:
+        return
+    name, row, value = found
+    cache = shard.parent.parent if (shard.parent.parent / "manifest.json").exists() else shard.parent
+    raise UserError(f"{shard}: row {first_row + row} (index {table['index'][row].as_py()}): {name} is "
+                    f"{value}, not finite; the cache is damaged: run "
+                    f"`mlx-dpo cache verify {cache}`, then rebuild it with `mlx-dpo precompute --overwrite`")
 
 
 def split_evenly(rows: list, parts: int) -> list[list]:
