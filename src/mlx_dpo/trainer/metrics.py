@@ -2,9 +2,10 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
-from ..schemas.atomic import write_text_atomic
+from ..schemas.atomic import fsync_dir, write_text_atomic
 
 
 class MetricsLog:
@@ -14,8 +15,13 @@ class MetricsLog:
 
     def write(self, step: int, split: str, metrics: dict) -> dict:
         record = {"step": step, "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+        created = not self.path.exists()
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # durable before the checkpoint of this step is written
+        if created:
+            fsync_dir(self.path.parent)
         return record
 
     def keep_until(self, step: int) -> list[dict]:
