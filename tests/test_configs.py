@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from mlx_dpo.cli import build_config, cli
 from mlx_dpo.cli import precompute as precompute_command
 from mlx_dpo.cli import train as train_command
-from mlx_dpo.cli_help import GROUP_ORDER
+from mlx_dpo.cli.cli_help import GROUP_ORDER
 from mlx_dpo.errors import UserError
 from mlx_dpo.pipeline.config import PrecomputeConfig
 from mlx_dpo.trainer.config import TrainConfig

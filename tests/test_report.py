@@ -8,7 +8,7 @@ import yaml
 from click.testing import CliRunner
 
 from mlx_dpo.cli import cli
-from mlx_dpo.report import PANELS, load_run, plot_runs
+from mlx_dpo.cli.report import PANELS, load_run, plot_runs
 
 
 def invoke(*args):

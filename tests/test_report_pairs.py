@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 import tiny_models
 from mlx_dpo.cli import cli
-from mlx_dpo.report import load_run
-from mlx_dpo.report_pairs import plot_pairs, shorten
+from mlx_dpo.cli.report import load_run
+from mlx_dpo.cli.report_pairs import plot_pairs, shorten
 from mlx_dpo.schemas import SCHEMA_VERSION, Manifest, ShardInfo, SplitInfo, write_json_atomic
 
 TOKENS = pa.list_(pa.int32())

@@ -13,14 +13,15 @@ from pathlib import Path
 import click
 import yaml
 
-from . import __version__
+from .. import __version__
+from ..errors import UserError
+from ..pipeline.config import PrecomputeConfig
+from ..remote import is_remote, local_cache, precompute_remote
+from ..trainer.config import TrainConfig
 from .cache_cmds import cache
 from .cli_help import GroupedCommand, GroupedOption
-from .errors import UserError
-from .look_cmds import cache_inspect, cache_ls, report
-from .pipeline.config import PrecomputeConfig
-from .remote import is_remote, local_cache, precompute_remote
-from .trainer.config import TrainConfig
+from .look_cmds import cache_inspect, cache_ls
+from .look_cmds import report as report_command  # not `report`: that name is the submodule report.py
 
 
 def _click_type(annotation):
@@ -120,7 +121,7 @@ def precompute(config_file, **options):
     with the same model, tokenizer, data and options reuses the cache; an interrupted run resumes
     from its last complete shard.
     """
-    from .pipeline.precompute import precompute as run
+    from ..pipeline.precompute import precompute as run
 
     cfg = build_config(PrecomputeConfig, options, config_file)
     if is_remote(cfg.out):  # built in a local staging directory, then uploaded
@@ -147,7 +148,7 @@ def train(config_file, overwrite, resume, stop_after, verify_cache, **options):
     Writes OUTPUT/metrics.jsonl (TRL's metric names), OUTPUT/adapters.safetensors with
     adapter_config.json (load with `mlx_lm.generate --adapter-path OUTPUT`), and config.yaml.
     """
-    from .trainer.run import run_training
+    from ..trainer.run import run_training
 
     cfg = build_config(TrainConfig, options, config_file)
     cfg = dataclasses.replace(cfg, cache=local_cache(cfg.cache, log=click.echo))  # a URL: its local mirror
@@ -158,7 +159,7 @@ def train(config_file, overwrite, resume, stop_after, verify_cache, **options):
 cli.add_command(cache)
 cache.add_command(cache_ls)
 cache.add_command(cache_inspect)
-cli.add_command(report)
+cli.add_command(report_command)
 
 
 def main() -> None:
@@ -183,6 +184,3 @@ def main() -> None:
         click.echo(f"Error: {type(error).__name__}: {error} (run with --debug for the traceback)", err=True)
         sys.exit(1)
 
-
-if __name__ == "__main__":
-    main()

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import UserError
+from ..errors import UserError
+from ..schemas import read_manifest
+from ..trainer.pair_log import EVAL_PAIRS
+from ..trainer.samples import SAMPLES
 from .report import Run
-from .schemas import read_manifest
-from .trainer.pair_log import EVAL_PAIRS
-from .trainer.samples import SAMPLES
 
 
 def shorten(text: str, width: int) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from ..errors import UserError
 from .tables import format_table, number
 
 PANELS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import click
 
-from .errors import UserError
-from .remote import cache_argument
+from ..errors import UserError
+from ..remote import cache_argument
 
 
 @click.group("cache")
@@ -15,7 +15,7 @@ def cache():
 
 def read_cache_manifest(cache_dir: str):
     """The manifest of a complete cache, or a one-line UserError naming what is wrong."""
-    from .schemas import read_manifest
+    from ..schemas import read_manifest
 
     try:
         return read_manifest(Path(cache_dir))
@@ -29,7 +29,7 @@ def read_cache_manifest(cache_dir: str):
 def verify(cache_dir, quick):
     """Check a cache: every shard's sha256, size, row count, schema and identity, finite reference
     log-probs, and that every input row is cached or rejected exactly once."""
-    from .schemas.verify import check_cache
+    from ..schemas.verify import check_cache
 
     manifest = read_cache_manifest(cache_dir)
     problems = check_cache(Path(cache_dir), manifest, full=not quick)
@@ -49,6 +49,6 @@ def verify(cache_dir, quick):
 def merge(out, parts):
     """Combine the outputs of `precompute --num-shards N --shard-index i` jobs into one cache OUT,
     after checking that they are pieces of the same cache (same identity, all N present)."""
-    from .pipeline.merge import merge as merge_parts
+    from ..pipeline.merge import merge as merge_parts
 
     merge_parts(Path(out), [Path(p) for p in parts], log=click.echo)

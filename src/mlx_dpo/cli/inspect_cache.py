@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .diagnostics import diagnostics_lines
-from .pipeline.sources import describe_inputs
-from .schemas import Manifest, read_manifest
-from .schemas.manifest import MANIFEST_NAME, inside
+from ..diagnostics import diagnostics_lines
+from ..pipeline.sources import describe_inputs
+from ..schemas import Manifest, read_manifest
+from ..schemas.manifest import MANIFEST_NAME, inside
 from .tables import format_table, human_bytes
 
 # Never worth descending into when looking for caches.

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import click
 
+from ..errors import UserError
+from ..remote import cache_argument
 from .cache_cmds import read_cache_manifest
-from .errors import UserError
-from .remote import cache_argument
 
 
 @click.command("ls")
@@ -23,8 +23,8 @@ def cache_ls(root):
 def cache_inspect(cache_dir):
     """Show what CACHE holds: identity, schema, rows per split, token-length percentiles, reference
     log-prob distribution and rejected rows by reason."""
+    from ..schemas.verify import check_cache
     from .inspect_cache import inspect_cache
-    from .schemas.verify import check_cache
 
     manifest = read_cache_manifest(cache_dir)
     if problems := check_cache(Path(cache_dir), manifest):  # paths, sizes, Parquet footers: name the file
