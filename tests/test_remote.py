@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pytest
 
 import tiny_models
-from mlx_dpo import remote
+from mlx_dpo.pipeline import remote
 
 BUCKET = "mlx-dpo-test"
 CACHE_URL = f"s3://{BUCKET}/caches/c1"

@@ -16,7 +16,7 @@ import yaml
 from .. import __version__
 from ..errors import UserError
 from ..pipeline.config import PrecomputeConfig
-from ..remote import is_remote, local_cache, precompute_remote
+from ..pipeline.remote import is_remote, local_cache, precompute_remote
 from ..trainer.config import TrainConfig
 from .cache_cmds import cache
 from .cli_help import GroupedCommand, GroupedOption

@@ -5,12 +5,17 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from ..remote import cache_argument
+from ..pipeline.remote import local_cache
 
 
 @click.group("cache")
 def cache():
     """Check and inspect reference caches written by `mlx-dpo precompute`."""
+
+
+def cache_argument(ctx, param, value):
+    """click callback for a CACHE argument: a URL becomes its local mirror (progress on stderr)."""
+    return local_cache(value, log=lambda line: click.echo(line, err=True))
 
 
 def read_cache_manifest(cache_dir: str):

@@ -2,7 +2,6 @@
 (schema, identity, rows, token lengths, reference log-probs, rejects). Reads files only: no mlx."""
 
 import json
-import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -14,34 +13,13 @@ import pyarrow.parquet as pq
 from ..diagnostics import diagnostics_lines
 from ..pipeline.sources import describe_inputs
 from ..schemas import Manifest, read_manifest
-from ..schemas.manifest import MANIFEST_NAME, inside
+from ..schemas.manifest import MANIFEST_NAME, find_caches, inside
 from .tables import format_table, human_bytes
 
-# Never worth descending into when looking for caches.
-_SKIP_DIRS = {".git", "__pycache__", "node_modules", ".venv", "site-packages"}
 _SPARK = "▁▂▃▄▅▆▇█"
 
 
 # ---------------------------------------------------------------- cache ls
-
-def find_caches(root: Path) -> list[tuple[Path, str | None]]:
-    """(directory, problem) for every cache under `root`: problem is None for a complete cache,
-    else why it cannot be used (no manifest yet, unreadable manifest)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        if MANIFEST_NAME in filenames:
-            found.append((here, None))
-            dirnames.clear()  # a cache holds no other caches
-            continue
-        if any(f.startswith("part-") and f.endswith(".parquet") for f in filenames):
-            parent = here.parent
-            if not any(p == parent for p, _ in found):
-                found.append((parent, "incomplete: shards but no manifest (re-run precompute to resume)"))
-            continue
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not (here / d / "pyvenv.cfg").exists())
-    return sorted(found)
-
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

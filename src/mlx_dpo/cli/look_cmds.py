@@ -5,8 +5,7 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from ..remote import cache_argument
-from .cache_cmds import read_cache_manifest
+from .cache_cmds import cache_argument, read_cache_manifest
 
 
 @click.command("ls")

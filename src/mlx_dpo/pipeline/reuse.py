@@ -75,8 +75,8 @@ def is_scored(row: dict) -> bool:
 def source_caches(out: Path, reuse_from: tuple[str, ...], scan_parent: bool, log: Callable) -> list[tuple[str, Path]]:
     """(label, local directory) of every candidate source: the complete caches under out's parent
     folder (as `cache ls` lists them), then each --reuse-from (a URL is mirrored locally first)."""
-    from ..cli.inspect_cache import find_caches  # reads files only
-    from ..remote import is_remote, local_cache
+    from ..schemas.manifest import find_caches
+    from .remote import is_remote, local_cache
 
     found = []
     if scan_parent:

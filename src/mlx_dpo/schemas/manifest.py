@@ -149,3 +149,26 @@ def read_manifest(cache_dir: Path) -> Manifest:
         inside(cache_dir, relative)  # first: it names the manifest path that leads outside
     refuse_links(cache_dir)
     return manifest
+
+
+# Never worth descending into when looking for caches.
+_SKIP_DIRS = {".git", "__pycache__", "node_modules", ".venv", "site-packages"}
+
+
+def find_caches(root: Path) -> list[tuple[Path, str | None]]:
+    """(directory, problem) for every cache under `root`: problem is None for a complete cache,
+    else why it cannot be used (no manifest yet, unreadable manifest)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if MANIFEST_NAME in filenames:
+            found.append((here, None))
+            dirnames.clear()  # a cache holds no other caches
+            continue
+        if any(f.startswith("part-") and f.endswith(".parquet") for f in filenames):
+            parent = here.parent
+            if not any(p == parent for p, _ in found):
+                found.append((parent, "incomplete: shards but no manifest (re-run precompute to resume)"))
+            continue
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not (here / d / "pyvenv.cfg").exists())
+    return sorted(found)

@@ -18,12 +18,12 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from .errors import UserError
-from .pipeline.lock import LOCK_NAME
-from .schemas import Manifest
-from .schemas.atomic import atomic_path
-from .schemas.manifest import MANIFEST_NAME, parse_manifest
-from .schemas.verify import check_cache, file_sha256, inside
+from ..errors import UserError
+from ..schemas import Manifest
+from ..schemas.atomic import atomic_path
+from ..schemas.manifest import MANIFEST_NAME, parse_manifest
+from ..schemas.verify import check_cache, file_sha256, inside
+from .lock import LOCK_NAME
 
 _CHUNK = 1 << 22
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -247,10 +247,3 @@ def _keep_as_mirror(stage: Path, identity: str) -> None:
     else:
         mirror.parent.mkdir(parents=True, exist_ok=True)
         stage.rename(mirror)
-
-
-def cache_argument(ctx, param, value):
-    """click callback for a CACHE argument: a URL becomes its local mirror (progress on stderr)."""
-    import click
-
-    return local_cache(value, log=lambda line: click.echo(line, err=True))
