@@ -137,3 +137,12 @@ def test_padding_stays_low(tmp_path):
     shuffled, ordered = waste(), waste(shuffle=False)
     assert ordered <= shuffled <= ordered + 0.01, (shuffled, ordered)
     assert shuffled < waste(shuffle_buffer=4, seed=5) - 0.05  # a 4-row buffer: batches of random lengths
+
+
+def test_one_cache_keeps_its_order(shards):
+    """The order one cache's epochs had before several caches could be mixed, pinned (taken from the
+    code as it was): a run on one --cache trains exactly the batches it trained before."""
+    assert [b.indices.tolist() for [b] in _stream(shards).epoch(0)] == [[2, 3], [0, 1], [4, 5], [7, 6], [11, 10], [9, 8], [12]]
+    assert [b.indices.tolist() for [b] in _stream(shards).epoch(1)] == [[0, 2], [6, 1], [3, 5], [7, 4], [8, 9], [10, 11], [12]]
+    steps = _stream(shards, micro_batches=2, shuffle_buffer=8).epoch(0)
+    assert [[b.indices.tolist() for b in step] for step in steps] == [[[7, 0], [1, 5]], [[3, 2], [6, 4]], [[12, 8], [9, 11]], [[10], [10]]]

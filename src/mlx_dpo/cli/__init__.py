@@ -151,7 +151,7 @@ def train(config_file, overwrite, resume, stop_after, verify_cache, **options):
     from ..trainer.run import run_training
 
     cfg = build_config(TrainConfig, options, config_file)
-    cfg = dataclasses.replace(cfg, cache=local_cache(cfg.cache, log=click.echo))  # a URL: its local mirror
+    cfg = dataclasses.replace(cfg, cache=tuple(local_cache(c, log=click.echo) for c in cfg.cache))  # a URL: its local mirror
     run_training(cfg, overwrite=overwrite, log=click.echo,
                  resume=resume, stop_after=stop_after, verify_cache=verify_cache)
 

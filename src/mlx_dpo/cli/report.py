@@ -51,6 +51,12 @@ def load_run(run_dir: str) -> Run:
     return Run(path, config or {}, records)
 
 
+def cache_label(run: Run) -> str:
+    """The run's cache identity, shortened; a run on several caches shows each one's, joined by +."""
+    identity = run.config.get("cache_identity", "?")
+    return "+".join(i[:6] for i in identity) if isinstance(identity, list) else str(identity)[:12]
+
+
 def differing_options(runs: list[Run]) -> list[str]:
     """Config keys whose values are not the same in every run, in config order."""
     keys = list(dict.fromkeys(k for run in runs for k in run.config if k not in _NOT_OPTIONS))
@@ -76,13 +82,13 @@ def summary_table(runs: list[Run]) -> str:
         eval_loss = (f"{number(first_eval.get('loss'))} -> {number(final_eval.get('loss'))}"
                      if len(first_eval) and first_eval is not final_eval else number(final_eval.get("loss")))
         rows.append([
-            label, str(run.config.get("cache_identity", "?"))[:12], *(run.config.get(k) for k in options),
+            label, cache_label(run), *(run.config.get(k) for k in options),
             train["step"] if train else None, number(train.get("loss")) if train else None, eval_loss,
             number(final_eval.get("rewards/accuracies"), 3), number(final_eval.get("rewards/margins")),
             f"{statistics.median(speeds):,.0f}" if speeds else None, f"{max(peaks):.2f}" if peaks else None,
         ])
     lines = [format_table(header, rows, left=2)]
-    caches = {run.config.get("cache_identity") for run in runs}
+    caches = {json.dumps(run.config.get("cache_identity")) for run in runs}
     if len(caches) > 1:
         lines.append(f"Note: these runs use {len(caches)} different caches (reference model, tokenizer, data or "
                      "options differ); compare their numbers with care.")
@@ -119,7 +125,7 @@ def plot_runs(runs: list[Run], out: str):
     legend.plot([], [], color="grey", linewidth=1.4, label="train (solid)")
     legend.plot([], [], color="grey", linestyle="--", marker="o", markersize=4, label="eval (dashed, dots)")
     legend.legend(loc="center", frameon=False, fontsize=10)
-    caches = ", ".join(sorted({str(r.config.get("cache_identity", "?"))[:12] for r in runs}))
+    caches = ", ".join(sorted({cache_label(r) for r in runs}))
     figure.suptitle(f"mlx-dpo report: {len(runs)} run(s), cache {caches}")
     figure.savefig(out, dpi=80)
     return figure

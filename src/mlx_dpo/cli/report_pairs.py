@@ -25,23 +25,29 @@ def shorten(text: str, width: int) -> str:
 
 
 class Texts:
-    """Decoded prompt/chosen/rejected of valid-split rows, by cache index; every method returns None
-    (with `problem` saying why) when the cache or the tokenizer cannot be read."""
+    """Decoded prompt/chosen/rejected of valid-split rows, by cache index (and, for a run on several
+    caches, by cache: `caches` gives each index's); every method returns None (with `problem` saying
+    why) when the cache or the tokenizer cannot be read."""
 
-    def __init__(self, run: Run, indices):
+    def __init__(self, run: Run, indices, caches=None):
         self.problem, self.rows, self.tokenizer = None, {}, None
         cache, model = run.config.get("cache"), run.config.get("model")
-        try:
-            manifest = read_manifest(Path(cache))
-            shards = [Path(cache) / s.path for s in manifest.splits["valid"].shards]
-            wanted = pa.array(sorted({int(i) for i in indices}), pa.int64())
-            for shard in shards:
-                table = pq.read_table(shard, columns=["index", "prompt_ids", "chosen_ids", "rejected_ids"])
-                for row in table.filter(pc.is_in(table["index"], value_set=wanted)).to_pylist():
-                    self.rows[row["index"]] = row
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            self.problem = f"cache {cache} unreadable ({error})"
-            return
+        self.default = cache[0] if isinstance(cache, list) and cache else cache  # several: a list
+        wanted: dict[str, set[int]] = {}
+        for position, index in enumerate(indices):
+            wanted.setdefault((None if caches is None else caches[position]) or self.default, set()).add(int(index))
+        for cache, indices_in in wanted.items():
+            try:
+                manifest = read_manifest(Path(cache))
+                shards = [Path(cache) / s.path for s in manifest.splits["valid"].shards]
+                values = pa.array(sorted(indices_in), pa.int64())
+                for shard in shards:
+                    table = pq.read_table(shard, columns=["index", "prompt_ids", "chosen_ids", "rejected_ids"])
+                    for row in table.filter(pc.is_in(table["index"], value_set=values)).to_pylist():
+                        self.rows[(cache, row["index"])] = row
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                self.problem = f"cache {cache} unreadable ({error})"
+                return
         try:
             from transformers import AutoTokenizer  # the tokenizer mlx-lm loads for this model
 
@@ -50,8 +56,11 @@ class Texts:
         except Exception as error:  # a missing folder or hub id, offline: show numbers without text
             self.problem = f"tokenizer of {model} not loadable ({type(error).__name__})"
 
-    def decode(self, index: int, column: str, k: int = 0) -> str | None:
-        row = self.rows.get(int(index))
+    def row(self, index: int, cache: str | None = None) -> dict | None:
+        return self.rows.get((cache or self.default, int(index)))
+
+    def decode(self, index: int, column: str, k: int = 0, cache: str | None = None) -> str | None:
+        row = self.row(index, cache)
         if row is None or self.tokenizer is None:
             return None
         ids = row[column]
@@ -96,17 +105,20 @@ def pairs_summary(run: Run, label: str, top: int = 3, width: int = 100) -> str:
         f"({moved.mean():.1%})",
     ]
     order = np.argsort(last["change"], kind="stable")
-    texts = Texts(run, last["index"][np.r_[order[:top], order[-top:]]])
+    picked = np.r_[order[:top], order[-top:]]
+    caches = last.get("cache")  # a run on several caches names each pair's
+    texts = Texts(run, last["index"][picked], None if caches is None else caches[picked])
     worst = "most worsened" if last["change"][order[0]] < 0 else "least improved (none worsened)"
     for title, picks in (("most improved", order[::-1][:top]), (worst, order[:top])):
         lines.append(f"  {title} (policy margin - reference margin, nats):")
         for i in picks:
             k = int(last["k"][i])
-            name = f"index {last['index'][i]}" + (f" k={k}" if several else "")
+            cache = None if caches is None else caches[i]
+            name = (f"{cache} " if cache else "") + f"index {last['index'][i]}" + (f" k={k}" if several else "")
             lines.append(f"    {last['change'][i]:+9.3f}  {name}: margin {last['ref_margin'][i]:+.3f} -> "
                          f"{last['policy_margin'][i]:+.3f}")
             for column, tag in (("prompt_ids", "prompt"), ("chosen_ids", "chosen"), ("rejected_ids", "rejected")):
-                text = texts.decode(last["index"][i], column, k)
+                text = texts.decode(last["index"][i], column, k, cache)
                 if text is not None:
                     lines.append(f"{'':14}{tag:<9} {shorten(text, width - 24)}")
     if texts.problem:
@@ -173,17 +185,18 @@ def samples_summary(run: Run, label: str, width: int = 110) -> str:
         return f"{label}: {SAMPLES} is empty"
     steps = sorted({s["step"] for s in samples})
     first, last = ({s["index"]: s for s in samples if s["step"] == step} for step in (steps[0], steps[-1]))
-    texts = Texts(run, list(first))
+    texts = Texts(run, list(first), [s.get("cache") for s in first.values()])
     lines = [f"{label}: greedy answers to {len(first)} held-out prompts, step {steps[0]} -> step {steps[-1]}"]
     for index, early in first.items():
         late = last.get(index, {})
-        prompt = texts.decode(index, "prompt_ids") or early["prompt"]
-        lines += ["", f"  index {index}  prompt: {shorten(prompt, width - 20)}"]
+        cache = early.get("cache")  # a run on several caches: the one the prompts are from
+        prompt = texts.decode(index, "prompt_ids", cache=cache) or early["prompt"]
+        lines += ["", f"  {cache + ' ' if cache else ''}index {index}  prompt: {shorten(prompt, width - 20)}"]
         lines += _side_by_side(f"step {steps[0]}", early["completion"], f"step {steps[-1]}", late.get("completion"),
                                width)
-        chosen, rejected = texts.decode(index, "chosen_ids"), texts.decode(index, "rejected_ids")
+        chosen, rejected = texts.decode(index, "chosen_ids", cache=cache), texts.decode(index, "rejected_ids", cache=cache)
         if chosen is not None:
-            several = isinstance(texts.rows[index]["rejected_ids"][0], list)
+            several = isinstance(texts.row(index, cache)["rejected_ids"][0], list)
             lines += _side_by_side("chosen", chosen, "rejected (the first)" if several else "rejected", rejected, width)
     if texts.problem:
         lines.append(f"  (chosen and rejected not shown: {texts.problem})")

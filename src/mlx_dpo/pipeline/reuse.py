@@ -17,23 +17,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from ..schemas import describe_difference, read_manifest
+from ..schemas.identity import reference_fields
 from ..schemas.manifest import inside
 from ..schemas.verify import check_cache
 
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-# Identity fields that say which rows a cache holds, not how a row is scored.
-_DATA_FIELDS = ("data",)
-_DATA_OPTIONS = ("splits", "valid_fraction")
-
-
-def reference_fields(fields: dict) -> dict:
-    """The identity fields that decide a row's values: all but the data and split choices."""
-    kept = {k: v for k, v in fields.items() if k not in _DATA_FIELDS}
-    if isinstance(kept.get("options"), dict):
-        kept["options"] = {k: v for k, v in kept["options"].items() if k not in _DATA_OPTIONS}
-    return kept
-
-
 def row_key(row: dict, rejected_per_prompt: int) -> bytes:
     """sha256 of a row's token id lists (K rejected lists included) and K."""
     ids = [rejected_per_prompt] + [row[name] for name in ID_COLUMNS]

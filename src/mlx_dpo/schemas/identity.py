@@ -94,7 +94,22 @@ def short_value(value) -> str:
     return text[:12] + "…" if len(text) > 16 else text
 
 
-def describe_difference(cached: dict, current: dict, current_name: str = "this run") -> str:
+# Identity fields that say which rows a cache holds, not how a row is scored.
+_DATA_FIELDS = ("data",)
+_DATA_OPTIONS = ("splits", "valid_fraction")
+
+
+def reference_fields(fields: dict) -> dict:
+    """The identity fields that decide a row's values (the reference identity: weights and adapters,
+    dtype, tokenizer and template, tokenization rules, max_length, truncation, schema): all but the
+    data and split choices. Caches that agree on them score a row the same way."""
+    kept = {k: v for k, v in fields.items() if k not in _DATA_FIELDS}
+    if isinstance(kept.get("options"), dict):
+        kept["options"] = {k: v for k, v in kept["options"].items() if k not in _DATA_OPTIONS}
+    return kept
+
+
+def describe_difference(cached: dict, current: dict, current_name: str = "this run", cached_name: str = "cache") -> str:
     """One line naming every identity field that differs, e.g. 'tokenizer differs: cache a1b2…, model c3d4…'."""
     parts = []
     for key in sorted(set(cached) | set(current)):
@@ -102,7 +117,7 @@ def describe_difference(cached: dict, current: dict, current_name: str = "this r
         if isinstance(old, dict) and isinstance(new, dict):
             for sub in sorted(set(old) | set(new)):
                 if old.get(sub) != new.get(sub):
-                    parts.append(f"{key}.{sub} differs: cache {short_value(old.get(sub))}, {current_name} {short_value(new.get(sub))}")
+                    parts.append(f"{key}.{sub} differs: {cached_name} {short_value(old.get(sub))}, {current_name} {short_value(new.get(sub))}")
         elif old != new:
-            parts.append(f"{key} differs: cache {short_value(old)}, {current_name} {short_value(new)}")
+            parts.append(f"{key} differs: {cached_name} {short_value(old)}, {current_name} {short_value(new)}")
     return "; ".join(parts)

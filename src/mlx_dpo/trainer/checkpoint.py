@@ -39,16 +39,18 @@ def adapter_config(cfg: TrainConfig) -> dict:
                             **starting_lora_keys(cfg.adapter_path)},  # the layers the run's adapters sit on
         "model": cfg.model,
         "trainer": "mlx-dpo",
-        "cache": cfg.cache,
+        "cache": cfg.cache[0] if len(cfg.cache) == 1 else list(cfg.cache),
         "beta": cfg.beta,
         "label_smoothing": cfg.label_smoothing,
     }
 
 
-def run_config(cfg: TrainConfig, cache_identity: str, ranks: int) -> dict:
-    """config.yaml: the options, the cache and the number of ranks (the global batch, and which rows
-    each step holds, depend on it)."""
-    return {**asdict(cfg), "cache_identity": cache_identity, "ranks": ranks}
+def run_config(cfg: TrainConfig, cache_identity: str | list[str], ranks: int) -> dict:
+    """config.yaml: the options, the cache(s) and the number of ranks (the global batch, and which rows
+    each step holds, depend on it). One cache is written as a path, several as a list (and their
+    identities as a list)."""
+    cache = cfg.cache[0] if len(cfg.cache) == 1 else list(cfg.cache)
+    return {**asdict(cfg), "cache": cache, "cache_identity": cache_identity, "ranks": ranks}
 
 
 def save_run_config(cfg: TrainConfig, run_dir: Path, cache_identity: str, ranks: int = 1) -> None:

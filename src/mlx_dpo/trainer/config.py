@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from ..adapters import DEFAULTS, resolve_options
 from ..errors import UserError
+from .mixture import parse_cache_weights
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 LR_SCHEDULES = ("cosine", "constant")
@@ -23,9 +24,10 @@ BATCH_LOSSES = ("aot", "aot_unpaired")
 @dataclass(frozen=True)
 class TrainConfig:
     # data / model / output
-    cache: str = field(metadata={"group": "Data", "help": "Reference cache written by `mlx-dpo precompute`: a directory, or s3://bucket/prefix (downloaded to ~/.cache/mlx-dpo/remote)."})
+    cache: tuple[str, ...] = field(metadata={"group": "Data", "help": "Reference cache written by `mlx-dpo precompute`: a directory, or s3://bucket/prefix (downloaded to ~/.cache/mlx-dpo/remote). Repeat it to train on several caches of one reference, sampled by --cache-weights."})
     model: str = field(metadata={"group": "Model", "help": "Starting policy: local directory or Hugging Face id (usually the reference model)."})
     output: str = field(metadata={"group": "Output", "help": "Run directory: adapters, checkpoints, metrics.jsonl, config.yaml."})
+    cache_weights: str | None = field(default=None, metadata={"group": "Data", "help": "With several --cache: comma-separated sampling weights, one per --cache (e.g. 0.7,0.3): each epoch, as many pairs as their train splits hold together, takes these shares of them.", "shown_default": "the caches' sizes: plain concatenation"})
     # loss
     beta: float = field(default=0.1, metadata={"group": "Loss", "help": "DPO temperature β: strength of the pull towards the reference."})
     label_smoothing: float = field(default=0.0, metadata={"group": "Loss", "help": "Conservative DPO ε in [0, 0.5): assumed rate of flipped labels."})
@@ -70,6 +72,12 @@ class TrainConfig:
     eval_max_tokens: int = field(default=64, metadata={"group": "Output", "help": "Most tokens per --eval-generate answer."})
 
     def __post_init__(self):
+        if isinstance(self.cache, str):  # one cache given in code or an older config.yaml
+            object.__setattr__(self, "cache", (self.cache,))
+        repeated = sorted({c for c in self.cache if self.cache.count(c) > 1})
+        if repeated:
+            raise UserError(f"--cache {repeated[0]} is given twice; to draw more of it, use --cache-weights")
+        self.mixture_weights  # noqa: B018  (raises UserError on bad --cache-weights)
         given = {name: getattr(self, name) for name in DEFAULTS}
         for name, value in resolve_options(given, self.adapter_path).items():
             object.__setattr__(self, name, value)  # frozen: resolved once, here
@@ -115,6 +123,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+    @property
+    def mixture_weights(self) -> list[float] | None:
+        """--cache-weights as numbers, one per --cache; None for the default (the caches' sizes)."""
+        return parse_cache_weights(self.cache_weights, len(self.cache))
 
     @property
     def loss_types(self) -> list[str]:

@@ -10,14 +10,18 @@ from .samples import SampleLog, generate_samples, held_out_prompts
 
 class EvalOutputs:
     def __init__(self, run_dir: Path, valid_shards: list[Path] | None, tokenizer, *, eval_generate: int,
-                 eval_max_tokens: int, group, resume_step: int | None):
+                 eval_max_tokens: int, group, resume_step: int | None, caches: list[str] | None = None,
+                 sample_cache: str | None = None):
         """`resume_step`: the checkpoint a resumed run starts from (its later evaluations are dropped,
-        to be written again), or None for a new run (earlier files are removed)."""
+        to be written again), or None for a new run (earlier files are removed). With several caches,
+        `caches` names them (eval_pairs' `cache` column) and `valid_shards` are those of `sample_cache`,
+        the first with a valid split: its prompts are the samples', whose lines then name it."""
         if eval_generate and not valid_shards:
             raise UserError("--eval-generate needs a cache with a valid split (its prompts are held out)")
         self.group, self.main = group, group is None or group.rank() == 0
         self.tokenizer, self.max_tokens = tokenizer, eval_max_tokens
-        self.pairs, self.samples = PairLog(run_dir), SampleLog(run_dir)
+        self.pairs, self.samples = PairLog(run_dir, caches), SampleLog(run_dir)
+        self.sample_cache = {"cache": sample_cache} if sample_cache else {}
         self.prompts = held_out_prompts(valid_shards, eval_generate) if eval_generate and self.main else []
         if self.main:
             for log in (self.pairs, self.samples):
@@ -30,4 +34,5 @@ class EvalOutputs:
             return
         self.pairs.append(step, columns)
         if self.prompts:
-            self.samples.append(step, generate_samples(model, self.tokenizer, self.prompts, self.max_tokens))
+            records = generate_samples(model, self.tokenizer, self.prompts, self.max_tokens)
+            self.samples.append(step, [{**self.sample_cache, **r} for r in records])

@@ -3,6 +3,7 @@
 One row per evaluated (pair, rejected answer) and evaluation step:
 
   step           int64    the optimizer step the policy had taken (0: before training)
+  cache          string   with several --cache only: the cache the pair is from, as given to train
   index          int64    the pair's `index` in the cache's valid split
   k              int32    which rejected answer (0 when the cache has one per prompt)
   ref_margin     float32  reference log p(chosen) - log p(rejected_k), as the loss used it
@@ -33,10 +34,12 @@ SCHEMA = pa.schema([
 _VALUES = ("ref_margin", "policy_margin", "reward_margin")
 
 
-def pair_columns(indices: np.ndarray, values: dict, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def pair_columns(indices: np.ndarray, values: dict, weights: np.ndarray | None = None,
+                 caches: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Flat per-(pair, k) columns from one batch. `indices` (B,); `values` holds mx or numpy arrays from
     the loss function: policy_chosen, ref_chosen (B,); policy_rejected, ref_rejected, reward_margin (B,)
-    or (B, K). Pairs of weight 0 (stand-in rows that only keep a rank in step) are left out."""
+    or (B, K); `caches` (B,) the cache number of each pair (several caches), else None. Pairs of weight 0
+    (stand-in rows that only keep a rank in step) are left out."""
     v = {name: np.asarray(a, dtype=np.float32) for name, a in values.items()}
     rejected_shape = v["policy_rejected"].shape
     k = rejected_shape[1] if len(rejected_shape) == 2 else 1
@@ -51,6 +54,8 @@ def pair_columns(indices: np.ndarray, values: dict, weights: np.ndarray | None =
         "policy_margin": per_comparison(v["policy_chosen"], v["policy_rejected"]),
         "reward_margin": v["reward_margin"].reshape(-1),
     }
+    if caches is not None:
+        columns["cache"] = np.repeat(np.asarray(caches, dtype=np.int64), k)
     if weights is None:
         return columns
     real = np.repeat(np.asarray(weights) > 0, k)
@@ -60,20 +65,22 @@ def pair_columns(indices: np.ndarray, values: dict, weights: np.ndarray | None =
 class PairCollector:
     """Collects pair_columns batch by batch (pass `add` as evaluate's on_pairs)."""
 
-    def __init__(self):
+    def __init__(self, several_caches: bool = False):
         self.parts: list[dict[str, np.ndarray]] = []
+        self.several = several_caches
 
-    def add(self, indices, values, weights=None) -> None:
-        self.parts.append(pair_columns(indices, values, weights))
+    def add(self, indices, values, weights=None, caches=None) -> None:
+        self.parts.append(pair_columns(indices, values, weights, caches))
 
     def columns(self, group=None) -> dict[str, np.ndarray]:
         """All rows of this evaluation, gathered from every rank (every rank must call this), sorted by
-        (index, k) so that 1 and N ranks give the same file."""
-        names = ("index", "k", *_VALUES)
+        ([cache,] index, k) so that 1 and N ranks give the same file; `cache` holds cache numbers."""
+        names = (*(("cache",) if self.several else ()), "index", "k", *_VALUES)
         local = {n: np.concatenate([p[n] for p in self.parts]) if self.parts else
-                 np.zeros(0, SCHEMA.field(n).type.to_pandas_dtype()) for n in names}  # a rank with no batch
+                 np.zeros(0, np.int64 if n == "cache" else SCHEMA.field(n).type.to_pandas_dtype())
+                 for n in names}  # a rank with no batch
         columns = _gather(local, group)
-        order = np.lexsort((columns["k"], columns["index"]))
+        order = np.lexsort((columns["k"], columns["index"], *([columns["cache"]] if self.several else [])))
         return {n: columns[n][order] for n in names}
 
 
@@ -103,15 +110,20 @@ class PairLog:
     """RUN/eval_pairs.parquet, rewritten whole (temp file, fsync, rename) at each evaluation, so a reader
     or a crash never sees a partial file."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, caches: list[str] | None = None):
+        """`caches`: with several caches, their names for the `cache` column (by cache number)."""
         self.path = Path(run_dir) / EVAL_PAIRS
+        self.caches = caches
+        self.schema = SCHEMA if caches is None else SCHEMA.insert(1, pa.field("cache", pa.string()))
 
     def read(self) -> pa.Table:
-        return pq.read_table(self.path) if self.path.exists() else SCHEMA.empty_table()
+        return pq.read_table(self.path) if self.path.exists() else self.schema.empty_table()
 
     def append(self, step: int, columns: dict[str, np.ndarray]) -> None:
         rows = len(columns["index"])
-        new = pa.table({"step": np.full(rows, step, np.int64), **columns}, schema=SCHEMA)
+        if self.caches is not None:
+            columns = {**columns, "cache": [self.caches[i] for i in columns["cache"]]}
+        new = pa.table({"step": np.full(rows, step, np.int64), **columns}, schema=self.schema)
         table = self.read()
         table = table.filter(pc.not_equal(table["step"], step))  # an evaluation is written once
         self._write(pa.concat_tables([table, new]))

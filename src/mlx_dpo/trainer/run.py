@@ -24,6 +24,7 @@ from .checkpoint import (
 from .config import BATCH_LOSSES, TrainConfig
 from .eval_outputs import EvalOutputs
 from .metrics import MetricsLog, format_report
+from .mixture import check_mixable, mixture_summary
 from .pair_log import PairCollector
 from .policy import adapters_difference, prepare_policy
 from .stream import PairStream
@@ -85,13 +86,29 @@ def build_optimizer(cfg: TrainConfig) -> optim.AdamW:
     return optim.AdamW(learning_rate=build_schedule(cfg), weight_decay=cfg.weight_decay, bias_correction=True)
 
 
-def _split_stream(manifest, cache: str, split: str, cfg: TrainConfig, pad_id: int, train: bool, group):
-    shards = [Path(cache) / s.path for s in manifest.splits[split].shards]
+def open_caches(cfg: TrainConfig, verify_cache: bool) -> list:
+    """The manifests of cfg.cache, each checked (open_cache) and holding train rows; several must be of
+    one reference (mixture.check_mixable)."""
+    manifests = [open_cache(cache, full=verify_cache) for cache in cfg.cache]
+    for cache, manifest in zip(cfg.cache, manifests):
+        if manifest.splits["train"].rows_cached == 0:
+            raise UserError(f"{cache}: the train split has no cached rows")
+        if cfg.ld_alpha is not None and manifest.rejected_per_prompt > 1:
+            raise UserError(f"--ld-alpha: {cache} holds {manifest.rejected_per_prompt} rejected answers per prompt; "
+                            "LD-DPO is supported for one")
+    check_mixable(manifests, list(cfg.cache))
+    return manifests
+
+
+def _split_stream(manifests: list, caches: list[str], split: str, cfg: TrainConfig, pad_id: int, train: bool, group):
+    """The stream of `split` of one cache, or of the caches in `caches` (a mixture, or evaluation's concatenation)."""
+    shards = [[Path(c) / s.path for s in m.splits[split].shards] for m, c in zip(manifests, caches)]
     return PairStream(
-        shards, batch_size=cfg.batch_size, max_length=manifest.max_length,
-        truncation_mode=manifest.truncation_mode, pad_id=pad_id, shuffle=train,
+        shards if len(cfg.cache) > 1 else shards[0], batch_size=cfg.batch_size, max_length=manifests[0].max_length,
+        truncation_mode=manifests[0].truncation_mode, pad_id=pad_id, shuffle=train,
         seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, with_tails=cfg.ld_alpha is not None,
         rank=group.rank(), ranks=group.size(), micro_batches=cfg.grad_accumulation_steps if train else 1,
+        weights=cfg.mixture_weights,
     )
 
 
@@ -122,19 +139,16 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
     log = log if main else (lambda *args, **kwargs: None)
     if main and (run_dir / "metrics.jsonl").exists() and not (overwrite or resume):  # rank 0 may create it first
         raise UserError(f"{run_dir}: already holds a run (metrics.jsonl); use another --output, --resume or --overwrite")
-    manifest = open_cache(cfg.cache, full=verify_cache)
-    if manifest.splits["train"].rows_cached == 0:
-        raise UserError(f"{cfg.cache}: the train split has no cached rows")
-    if cfg.ld_alpha is not None and manifest.rejected_per_prompt > 1:
-        raise UserError(f"--ld-alpha: {cfg.cache} holds {manifest.rejected_per_prompt} rejected answers per prompt; "
-                        "LD-DPO is supported for one")
+    manifests = open_caches(cfg, verify_cache)
+    manifest, caches = manifests[0], list(cfg.cache)  # several caches share the reference: the first speaks for all
+    identity = manifest.identity if len(caches) == 1 else [m.identity for m in manifests]
     model_path = checked_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    check_tokenizer(manifest, tokenizer, cfg.cache, cfg.model)
+    check_tokenizer(manifest, tokenizer, caches[0], cfg.model)
     if group.size() > 1 and set(cfg.loss_types) & set(BATCH_LOSSES):
         raise UserError(f"--loss-type {cfg.loss_type} sorts across the batch: run it on one process "
                         f"(here {group.size()} ranks), with the global batch as --batch-size")
-    checkpoint = resume_point(run_dir, cfg, manifest.identity, group.size()) if resume else None
+    checkpoint = resume_point(run_dir, cfg, identity, group.size()) if resume else None
     if checkpoint is not None and checkpoint.step >= cfg.iters:
         log(f"{run_dir}: already complete ({checkpoint.step} of {cfg.iters} steps); nothing to resume")
         return []
@@ -146,39 +160,49 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
     trainable = prepare_policy(model, cfg)
     start = f" + adapters {cfg.adapter_path}" if cfg.adapter_path else ""
     log(f"Policy {cfg.model}{start}: {cfg.fine_tune_type}, {trainable / 1e6:.3f}M trainable parameters; "
-        f"reference from cache {manifest.identity[:12]} (not loaded)")
+        f"reference from cache{'s' * (len(caches) > 1)} {', '.join(m.identity[:12] for m in manifests)} (not loaded)")
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_stream = _split_stream(manifest, cfg.cache, "train", cfg, pad_id, True, group)
+    train_stream = _split_stream(manifests, caches, "train", cfg, pad_id, True, group)
+    if len(caches) > 1:
+        log(mixture_summary(caches, train_stream.sizes, train_stream.quotas))
+    valid = [(m, c) for m, c in zip(manifests, caches) if "valid" in m.splits and m.splits["valid"].rows_cached > 0]
     eval_stream, eval_keep = None, None
-    if "valid" in manifest.splits and manifest.splits["valid"].rows_cached == 0:
-        log(f"{cfg.cache}: the valid split has no cached rows; no evaluation")
-    elif "valid" in manifest.splits:
-        eval_stream = _split_stream(manifest, cfg.cache, "valid", cfg, pad_id, False, group)
-        valid_rows = manifest.splits["valid"].rows_cached
+    for m, c in zip(manifests, caches):
+        if "valid" in m.splits and m.splits["valid"].rows_cached == 0:
+            log(f"{c}: the valid split has no cached rows; " + ("no evaluation" if len(caches) == 1 else "not evaluated"))
+    if valid:
+        eval_stream = _split_stream(*map(list, zip(*valid)), "valid", cfg, pad_id, False, group)
+        valid_rows = sum(m.splits["valid"].rows_cached for m, _ in valid)
         eval_keep = eval_sample(valid_rows, cfg, group.size())
         log(f"eval on {valid_rows if eval_keep is None else len(eval_keep)} of {valid_rows} pairs of the valid split"
+            + (f"s of {len(valid)} caches" if len(caches) > 1 else "")
             + (" (a fixed seeded sample, the same at every evaluation)" if eval_keep is not None else ""))
     if group.size() > 1 or cfg.grad_accumulation_steps > 1:
         log(f"Global batch {cfg.batch_size} x {group.size()} ranks x {cfg.grad_accumulation_steps} micro-batches = "
             f"{train_stream.global_size} pairs per step; loss and gradients are means over the global batch")
 
     if checkpoint is None and main:
-        start_run_dir(cfg, run_dir, manifest.identity, overwrite, group.size())
+        start_run_dir(cfg, run_dir, identity, overwrite, group.size())
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     records = metrics_log.keep_until(checkpoint.step) if checkpoint is not None and main else []
     loss_fn = make_loss_fn(cfg.loss_options(), cfg.ld_alpha)
 
     def report(step: int, split: str, metrics: dict) -> None:
+        if "pairs_per_cache" in metrics:  # a list in cache order: name each count by its --cache
+            metrics = {**metrics, "pairs_per_cache": dict(zip(caches, metrics["pairs_per_cache"]))}
         if main:
             records.append(metrics_log.write(step, split, metrics))
             log(format_report(records[-1]))
 
-    outputs = EvalOutputs(run_dir, eval_stream.shards if eval_stream else None, tokenizer, eval_generate=cfg.eval_generate,
-                          eval_max_tokens=cfg.eval_max_tokens, group=group, resume_step=checkpoint.step if checkpoint else None)
+    several_valid = len(caches) > 1 and eval_stream is not None  # eval_pairs then names each pair's cache
+    outputs = EvalOutputs(run_dir, eval_stream.sources[0] if eval_stream else None, tokenizer, eval_generate=cfg.eval_generate,
+                          eval_max_tokens=cfg.eval_max_tokens, group=group, resume_step=checkpoint.step if checkpoint else None,
+                          caches=[c for _, c in valid] if several_valid else None,
+                          sample_cache=valid[0][1] if several_valid else None)
 
     def run_eval(step: int) -> None:
-        pairs = PairCollector()
+        pairs = PairCollector(several_valid)
         report(step, "eval", evaluate(model, loss_fn, eval_stream.epoch(0, keep=eval_keep), group, pairs.add))
         outputs.write(step, model, pairs)
 

@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..logps import collate_pairs, score_plan
 from ..schemas.sequence import pair_length
 from ..schemas.verify import first_non_finite
+from .mixture import epoch_quotas, mixed_rows, rows_in
 
 # The length-order jitter spans this many global batches: a row's neighbours change between epochs even
 # when the buffer holds only a few batches, at a padding cost of a few points (README: Training).
@@ -34,6 +35,8 @@ class Batch:
     plan: np.ndarray  # (4, M) int32: where the scored tokens are (mlx_dpo.logps.score_plan)
     ref_chosen_tail_logps: np.ndarray | None = None  # (B,), with --ld-alpha
     ref_rejected_tail_logps: np.ndarray | None = None
+    caches: np.ndarray | None = None  # (B,) int64: which --cache each pair is from, with several caches
+    pairs_per_cache: np.ndarray | None = None  # (caches,) float64: pairs of weight > 0 from each, with several
 
     def counts(self) -> np.ndarray:
         """[pairs, scored chosen completion tokens] (float64): what a step's loss is normalised by."""
@@ -45,17 +48,22 @@ class Batch:
         return [int(i) for i, w in zip(self.indices, self.weights) if w > 0]
 
 
-def iter_rows(shards: list[Path], rng: np.random.Generator | None, columns=ROW_COLUMNS) -> Iterator[dict]:
-    """Rows of every shard; with `rng`, shards and row groups are visited in random order.
+def iter_rows(shards: list[Path], rng: np.random.Generator | None, columns=ROW_COLUMNS, skip: int = 0) -> Iterator[dict]:
+    """Rows of every shard; with `rng`, shards and row groups are visited in random order; the first
+    `skip` rows of that order are passed over (whole row groups without reading them).
     Raises UserError naming file, row and column if a cached reference value is not finite."""
     shard_order = rng.permutation(len(shards)) if rng is not None else range(len(shards))
     for s in shard_order:
         parquet = pq.ParquetFile(shards[s])
         groups = range(parquet.num_row_groups)
         for g in rng.permutation(len(groups)) if rng is not None else groups:
+            if skip >= (rows := parquet.metadata.row_group(int(g)).num_rows):
+                skip -= rows
+                continue
             table = parquet.read_row_group(int(g), columns=columns)
             _check_finite(table, shards[s], sum(parquet.metadata.row_group(k).num_rows for k in range(g)))
-            yield from table.to_pylist()
+            yield from table.slice(skip).to_pylist()
+            skip = 0
 
 
 def _check_finite(table, shard: Path, first_row: int) -> None:
@@ -77,7 +85,7 @@ def split_evenly(rows: list, parts: int) -> list[list]:
 
 
 class PairStream:
-    """Steps of preference pairs from a cache split.
+    """Steps of preference pairs from a cache split, or from the same split of several caches.
 
     A step is one global batch of batch_size x ranks x micro_batches pairs; each rank gets its
     micro_batches shares of it. With `shuffle`, each epoch reads rows in a seeded random order into a
@@ -86,12 +94,21 @@ class PairStream:
     mates change between epochs even when the buffer holds only a few batches),
     and yields its global batches in random order. Without it, rows come sorted by length within each
     buffer. The last global batch of a buffer may be smaller; no row is dropped or repeated.
+
+    `shards` is one cache's shard list, or a list of several caches' lists. Several caches shuffled
+    read the seeded weighted interleave of mlx_dpo.trainer.mixture (`weights`: None for their sizes);
+    unshuffled, the caches one after the other. Their batches say which cache each pair is from.
     """
 
     def __init__(self, shards, *, batch_size, max_length, truncation_mode, pad_id,
                  shuffle=True, seed=0, shuffle_buffer=4096, pad_to_multiple=32, with_tails=False,
-                 rank=0, ranks=1, micro_batches=1):
-        self.shards = [Path(s) for s in shards]
+                 rank=0, ranks=1, micro_batches=1, weights=None):
+        self.several = len(shards) > 0 and isinstance(shards[0], (list, tuple))  # caches, even if one
+        self.sources = [[Path(s) for s in cache] for cache in shards] if self.several else [[Path(s) for s in shards]]
+        self.shards = [s for cache in self.sources for s in cache]
+        if self.several:
+            self.sizes = [rows_in(cache) for cache in self.sources]
+            self.quotas = epoch_quotas(self.sizes, weights)
         self.batch_size, self.micro_batches = batch_size, micro_batches
         self.global_size = batch_size * ranks * micro_batches
         self.collate = dict(max_length=max_length, truncation_mode=truncation_mode, pad_id=pad_id,
@@ -120,11 +137,19 @@ class PairStream:
         mine = [shares[j * self.ranks + self.rank] for j in range(self.micro_batches)]
         return [self.make_batch(share) if share else self.make_batch(rows[:1], weight=0.0) for share in mine]
 
+    def _rows(self, epoch: int, rng) -> Iterator[dict]:
+        if not self.several:
+            return iter_rows(self.shards, rng, self.columns)
+        if rng is None:  # the caches one after the other, each row once
+            return ({**row, "cache": i} for i, cache in enumerate(self.sources) for row in iter_rows(cache, None, self.columns))
+        return mixed_rows(self.sources, self.sizes, self.quotas, self.seed, epoch, self.columns, iter_rows)
+
     def epoch(self, epoch: int, keep: set[int] | None = None) -> Iterator[list[Batch]]:
-        """Steps of `epoch`; with `keep`, only the rows at those positions of the split's file order."""
+        """Steps of `epoch`; with `keep`, only the rows at those positions of the split's file order
+        (with several caches unshuffled: of the caches' rows one after the other)."""
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         buffer = []
-        for position, row in enumerate(iter_rows(self.shards, rng, self.columns)):
+        for position, row in enumerate(self._rows(epoch, rng)):
             if keep is not None and position not in keep:
                 continue
             buffer.append(row)
@@ -150,6 +175,11 @@ class PairStream:
 
     def make_batch(self, rows: list[dict], weight: float = 1.0) -> Batch:
         input_ids, completion_mask = collate_pairs(rows, **self.collate)
+        mixture = {}
+        if self.several:
+            caches = np.array([r["cache"] for r in rows], dtype=np.int64)
+            mixture = dict(caches=caches, pairs_per_cache=np.bincount(
+                caches, weights=np.full(len(rows), weight), minlength=len(self.sources)).astype(np.float64))
         return Batch(
             input_ids=input_ids,
             completion_mask=completion_mask,
@@ -159,4 +189,5 @@ class PairStream:
             indices=np.array([r["index"] for r in rows], dtype=np.int64),
             weights=np.full(len(rows), weight, dtype=np.float32),
             **{name: np.array([r[name] for r in rows], dtype=np.float32) for name in TAIL_COLUMNS if name in rows[0]},
+            **mixture,
         )

@@ -104,14 +104,15 @@ def _arrays(batch: Batch, scale) -> tuple[mx.array, ...]:
 
 def evaluate(model, loss_fn, steps: Iterator[list[Batch]], group=None, on_pairs=None) -> dict:
     """Metrics over every pair of `steps` (all ranks): sums, then divided by the global counts.
-    `on_pairs(indices, values, weights)` receives each batch's per-pair values (make_loss_fn: pair_values)."""
+    `on_pairs(indices, values, weights, caches)` receives each batch's per-pair values (make_loss_fn:
+    pair_values); `caches` is None, or with several caches which one each pair is from."""
     totals, counts, ntoks = mx.zeros(len(METRIC_NAMES)), np.zeros(2), mx.array(0.0)
     for batches in steps:
         for batch in batches:
             _, (metrics, toks, *values) = loss_fn(model, *_arrays(batch, mx.array([1.0, 1.0])),
                                                   pair_values=on_pairs is not None)
             if on_pairs is not None:
-                on_pairs(batch.indices, values[0], batch.weights)
+                on_pairs(batch.indices, values[0], batch.weights, batch.caches)
             totals, ntoks = totals + metrics, ntoks + toks
             counts += batch.counts()
             mx.eval(totals, ntoks)
@@ -175,14 +176,18 @@ def train(
     model.train()
     # ---- running sums for the next report ----
     sums, ntoks, grad_norms, steps, seconds, skipped = mx.zeros(len(METRIC_NAMES)), 0, 0.0, 0, 0.0, 0
+    cache_pairs = None  # with several caches: pairs trained from each since the last report
     learning_rate = math.nan
     last = iters if stop_after is None else min(iters, stop_after)
     for step in range(start_step + 1, last + 1):
         tic = time.perf_counter()
         # ---- global counts, forward/backward over the micro-batches, sums over ranks ----
         micro = next(batches)
-        counts = all_sum(mx.array(sum(b.counts() for b in micro), dtype=mx.float32), group)
-        scale = 1.0 / mx.maximum(counts, 1.0)
+        counts = sum(b.counts() for b in micro)
+        if mixture := micro[0].pairs_per_cache is not None:  # several caches: the pairs from each too
+            counts = np.concatenate([counts, sum(b.pairs_per_cache for b in micro)])
+        counts = all_sum(mx.array(counts, dtype=mx.float32), group)
+        scale = 1.0 / mx.maximum(counts[:2], 1.0)
         grad, metrics, toks = None, mx.zeros(len(METRIC_NAMES)), mx.array(0.0)
         for batch in micro:
             _, (batch_metrics, batch_toks), grad = accumulate(_arrays(batch, scale), grad)
@@ -205,6 +210,9 @@ def train(
             learning_rate = apply(grad, grad_norm)
             mx.eval(state, learning_rate)
             sums, ntoks, grad_norms, steps = sums + metrics[:-1], ntoks + vector[-1], grad_norms + norm, steps + 1
+            if mixture:
+                step_pairs = np.array(counts[2:].tolist())
+                cache_pairs = step_pairs if cache_pairs is None else cache_pairs + step_pairs
         seconds += time.perf_counter() - tic
 
         # ---- report ----
@@ -214,8 +222,10 @@ def train(
                 ntoks=int(ntoks), tokens_per_sec=ntoks / seconds, learning_rate=learning_rate.item(),
                 grad_norm=grad_norms / steps, peak_memory_gb=mx.get_peak_memory() / 1e9,
             )
+            if cache_pairs is not None:
+                report["pairs_per_cache"] = [int(n) for n in cache_pairs]
             on_report(step, report)
-            sums, ntoks, grad_norms, steps, seconds = mx.zeros(len(METRIC_NAMES)), 0, 0.0, 0, 0.0
+            sums, ntoks, grad_norms, steps, seconds, cache_pairs = mx.zeros(len(METRIC_NAMES)), 0, 0.0, 0, 0.0, None
         if on_eval is not None and (step % steps_per_eval == 0 or step == iters):
             model.eval()
             on_eval(step)
