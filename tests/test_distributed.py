@@ -123,3 +123,33 @@ def test_a_step_does_not_depend_on_how_its_global_batch_is_split(tiny_model_dir,
     refused = launch("train", *base, "--output", tmp_path / "aot", "--batch-size", 2, "--loss-type", "aot")
     assert "Error: --loss-type aot sorts across the batch: run it on one process (here 2 ranks)" in refused
     assert "exited with code 1" in refused and not (tmp_path / "aot").exists()
+
+
+def test_a_mixture_on_two_ranks_trains_what_one_rank_trains(tiny_model_dir, tmp_path):
+    """Two caches at 0.7/0.3 (7 + 6 train rows: epochs of 13 pairs, 9 + 4, in global batches of 4, 4, 4
+    and 1, so a rank gets a stand-in row) and 3 + 3 valid rows: 2 ranks x 2 pairs and 1 rank x 4 give the
+    same numbers, the same pairs_per_cache at every report and the same eval_pairs rows."""
+    rows = {"a": tiny_models.standard_rows(), "b": tiny_models.conversational_rows()}
+    caches = []
+    for name, train_rows in (("a", 7), ("b", 6)):
+        tiny_models.write_jsonl(tmp_path / name / "train.jsonl", rows[name][:train_rows])
+        tiny_models.write_jsonl(tmp_path / name / "valid.jsonl", rows[name][-3:])
+        assert run("precompute", "--model", tiny_model_dir, "--data", tmp_path / name, "--out", tmp_path / f"cache-{name}",
+                   "--rows-per-shard", 3).exit_code == 0
+        caches += ["--cache", tmp_path / f"cache-{name}"]
+    args = [*caches, "--cache-weights", "0.7,0.3", "--model", tiny_model_dir, *TRAIN_ARGS, "--iters", 6]
+    result = run("train", *args, "--output", tmp_path / "one", "--batch-size", 4)
+    assert result.exit_code == 0, result.output
+    output = launch("train", *args, "--output", tmp_path / "two", "--batch-size", 2)
+    assert "Mixture of 2 caches: each epoch of 13 pairs draws 9 from" in output
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert_same_numbers(one, two, "2 ranks")
+    per_cache = [r.get("pairs_per_cache") for r in one]
+    assert per_cache == [r.get("pairs_per_cache") for r in two]
+    first_epoch = [p for r, p in zip(one, per_cache) if r["split"] == "train" and r["step"] <= 4]  # 4, 4, 4, 1 pairs
+    a, b = str(tmp_path / "cache-a"), str(tmp_path / "cache-b")
+    assert {key: sum(p[key] for p in first_epoch) for key in (a, b)} == {a: 9, b: 4}
+    one_pairs, two_pairs = (pq.read_table(tmp_path / name / "eval_pairs.parquet").to_pandas() for name in ("one", "two"))
+    assert one_pairs[["step", "cache", "index", "k"]].equals(two_pairs[["step", "cache", "index", "k"]])
+    assert len(one_pairs) == 4 * 6 and set(one_pairs["cache"]) == {str(tmp_path / "cache-a"), str(tmp_path / "cache-b")}
+    np.testing.assert_allclose(two_pairs["reward_margin"], one_pairs["reward_margin"], rtol=1e-4, atol=1e-5)
