@@ -48,7 +48,7 @@ def test_config_file_precedence(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("cache: from-file\nmodel: m\noutput: o\nbeta: 0.3\nlearning-rate: 0.001\n")
     cfg = build_config(TrainConfig, {"beta": 0.5, "cache": None}, str(config))
-    assert (cfg.cache, cfg.beta, cfg.learning_rate, cfg.iters) == ("from-file", 0.5, 0.001, 1000)
+    assert (cfg.cache, cfg.beta, cfg.learning_rate, cfg.iters) == (("from-file",), 0.5, 0.001, 1000)
     config.write_text("betta: 0.3\n")
     with pytest.raises(UserError, match="unknown option 'betta'"):
         build_config(TrainConfig, {}, str(config))
