@@ -78,7 +78,8 @@ def cache_order(shards: list[Path], seed: int, cache: int, start: int, size: int
 def mixed_rows(sources: list[list[Path]], sizes: list[int], quotas: list[int], seed: int, epoch: int,
                columns, iter_rows) -> Iterator[dict]:
     """The sum(quotas) rows of mixture epoch `epoch`, each tagged with its cache number as row["cache"]."""
-    owners = np.random.default_rng([seed, MIX_TAG, 0, epoch]).permutation(np.repeat(np.arange(len(quotas)), quotas))
+    slots = np.repeat(np.arange(len(quotas), dtype=np.int32), quotas)  # 4 bytes a row: the only per-row memory
+    owners = np.random.default_rng([seed, MIX_TAG, 0, epoch]).permutation(slots)
     orders = [cache_order(shards, seed, i, epoch * quota, size, columns, iter_rows) if quota else None
               for i, (shards, size, quota) in enumerate(zip(sources, sizes, quotas))]
     for owner in owners:

@@ -176,7 +176,7 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
         valid_rows = sum(m.splits["valid"].rows_cached for m, _ in valid)
         eval_keep = eval_sample(valid_rows, cfg, group.size())
         log(f"eval on {valid_rows if eval_keep is None else len(eval_keep)} of {valid_rows} pairs of the valid split"
-            + (f"s of {len(valid)} caches" if len(caches) > 1 else "")
+            + ((f"s of {len(valid)} caches" if len(valid) > 1 else f" of {valid[0][1]}") if len(caches) > 1 else "")
             + (" (a fixed seeded sample, the same at every evaluation)" if eval_keep is not None else ""))
     if group.size() > 1 or cfg.grad_accumulation_steps > 1:
         log(f"Global batch {cfg.batch_size} x {group.size()} ranks x {cfg.grad_accumulation_steps} micro-batches = "
