@@ -94,10 +94,11 @@ def test_a_non_finite_cached_value_is_an_error_naming_file_row_and_column(standa
         assert all(np.isfinite(json.loads(x)["loss"]) for x in open(out / "metrics.jsonl"))
 
 
-def _tiny_training(tiny_model_dir, cache, bad_index: int, iters: int, skips: list):
+def _tiny_training(tiny_model_dir, cache, bad_index: int, iters: int, skips: list, mixture: bool = False):
     """train() itself on the tiny model (full fine-tune) over `cache`, the row `bad_index` given a -inf
     reference value after it left the stream (as a fault between stream and step would): returns the
-    parameters after each step."""
+    parameters after each step. With `mixture`, over two caches (`cache` twice), the row damaged in the
+    second only."""
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
     from mlx_lm import load
@@ -108,13 +109,14 @@ def _tiny_training(tiny_model_dir, cache, bad_index: int, iters: int, skips: lis
 
     model, tokenizer = load(str(tiny_model_dir))
     manifest = json.loads((cache / "manifest.json").read_text())
-    stream = PairStream([cache / s["path"] for s in manifest["splits"]["train"]["shards"]], batch_size=2,
+    shards = [cache / s["path"] for s in manifest["splits"]["train"]["shards"]]
+    stream = PairStream([shards, shards] if mixture else shards, batch_size=2,
                         max_length=22, truncation_mode="keep_start", pad_id=tokenizer.pad_token_id or 0, seed=0)
 
     def batches():
         for _, step in stream.forever():
             for batch in step:
-                batch.ref_chosen_logps[np.isin(batch.indices, bad_index)] = -np.inf
+                batch.ref_chosen_logps[np.isin(batch.indices, bad_index) & (batch.caches == 1 if mixture else True)] = -np.inf
             yield step
 
     cfg = TrainConfig(cache=str(cache), model=str(tiny_model_dir), output="unused")
@@ -138,6 +140,15 @@ def test_a_step_with_a_non_finite_metric_is_not_applied(standard_cache, tiny_mod
     for step in range(1, 7):
         same = all(mx.array_equal(snapshots[step - 1][k], snapshots[step][k]).item() for k in snapshots[step])
         assert same == (step in [s for s, _ in skips]), step
+
+
+def test_a_skipped_step_of_a_mixture_names_each_rows_cache(standard_cache, tiny_model_dir):
+    """Two caches holding the same rows, index 0 damaged in the second only: a whole epoch's steps run,
+    and each skipped step names its rows' caches beside their indices, the damaged row as cache 1."""
+    skips = []
+    _tiny_training(tiny_model_dir, standard_cache, 0, 12, skips, mixture=True)
+    assert skips and all(len(info["caches"]) == len(info["indices"]) for _, info in skips)
+    assert all((1, 0) in zip(info["caches"], info["indices"]) for _, info in skips)
 
 
 def test_non_finite_steps_in_a_row_stop_the_run(standard_cache, tiny_model_dir):

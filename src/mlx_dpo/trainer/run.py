@@ -207,10 +207,14 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
         outputs.write(step, model, pairs)
 
     def skip(step: int, info: dict) -> None:
+        rows = info["indices"]
+        if "caches" in info:  # several caches: name each row's
+            info = {**info, "caches": [caches[c] for c in info["caches"]]}
+            rows = ", ".join(f"{c} {i}" for c, i in zip(info["caches"], rows))
         if main:
             records.append(metrics_log.write(step, "skipped", {"reason": "non-finite loss, gradient or metric", **info}))
             log(f"[skip ] step {step:>5} | loss {info['loss']} | grad_norm {info['grad_norm']} | "
-                f"not finite: {', '.join(info['non_finite'])} | not applied; batch rows {info['indices']}")
+                f"not finite: {', '.join(info['non_finite'])} | not applied; batch rows {rows}")
 
     optimizer = build_optimizer(cfg)
     if checkpoint is not None:

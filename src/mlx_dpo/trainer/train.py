@@ -148,7 +148,9 @@ def train(
     gradient norm or any metric of METRIC_NAMES is not finite is skipped (weights and optimizer state untouched) and passed to `on_skip`;
     MAX_SKIPPED_IN_A_ROW in a row raise UserError. Step 1 is always reported: at step 1 the policy is
     still the reference, so its loss is ln 2 and its margins 0, a check that both stages score tokens
-    the same way."""
+    the same way. With several caches (batches carrying pairs_per_cache) each report adds
+    `pairs_per_cache`: the pairs of the applied steps since the last report, per cache, in cache order;
+    a skipped step's info adds `caches`: the cache number of each of its `indices`."""
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
@@ -201,7 +203,10 @@ def train(
         if bad:
             skipped += 1
             indices = all_gather_indices([i for b in micro for i in b.real_indices()], group)
-            on_skip(step, {"loss": report["loss"], "grad_norm": norm, "non_finite": bad, "indices": indices})
+            info = {"loss": report["loss"], "grad_norm": norm, "non_finite": bad, "indices": indices}
+            if mixture:  # an index alone does not say which cache: their numbers, in the same order
+                info["caches"] = all_gather_indices([int(c) for b in micro for c, w in zip(b.caches, b.weights) if w > 0], group)
+            on_skip(step, info)
             if skipped >= MAX_SKIPPED_IN_A_ROW:
                 raise UserError(f"step {step}: {skipped} steps in a row with a non-finite loss, gradient or metric "
                                 f"(last batch rows {indices}); lower --learning-rate or check the cache")
