@@ -21,7 +21,7 @@ from mlx_dpo.cli import cli
 from real_tokenizers import llama32_model, qwen3_model  # noqa: F401  (fixtures, requested by name)
 
 ROW = "_row_index"
-SHAREGPT_SPEAKERS = {"system": "system", "human": "user", "gpt": "assistant"}
+SHAREGPT_SPEAKERS = {"system": "system", "human": "user", "gpt": "assistant", "observation": "tool"}
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -74,6 +74,47 @@ QWEN_SHAREGPT = [
     {"conversations": [{"from": "human", "value": "Explain gradient descent in detail."}], "system": None,
      "chosen": {"from": "gpt", "value": LONG_ANSWER}, "rejected": {"from": "gpt", "value": "No."}},
 ]
+# OpenAI-style tool calling: an assistant message whose content is null or absent next to its tool_calls, tool
+# messages with tool_call_id/name, in the prompt and in the answers (arguments as objects with one key: TRL reads
+# these rows through Arrow, which gives every object the keys of all of them).
+def call(city, call_id=None):
+    return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}},
+            **({"id": call_id} if call_id else {})}
+
+
+def tool(content, call_id="call_1"):
+    return {"role": "tool", "tool_call_id": call_id, "name": "get_weather", "content": content}
+
+
+QWEN_TOOL_CALLS = [
+    {"prompt": [system("Use the tools."), user("Weather in Lima and in Cusco?"),
+                assistant(None, tool_calls=[call("Lima", "call_1"), call("Cusco", "call_2")]),
+                tool('{"temp_c": 18}', "call_1"), tool('{"temp_c": 9}', "call_2")], "tools": TOOLS,
+     "chosen": [assistant("Lima: 18 °C. Cusco: 9 °C.")], "rejected": [assistant("Both are at 30 °C.")]},
+    {"prompt": [user("Weather in Arequipa?")], "tools": TOOLS,
+     "chosen": [{"role": "assistant", "tool_calls": [call("Arequipa")]}],  # no content key at all
+     "rejected": [assistant(None, tool_calls=[call("Lima")])]},
+    {"prompt": [user("Is it raining in Quito?")], "tools": TOOLS,  # a whole tool round trip as the answer
+     "chosen": [assistant(None, tool_calls=[call("Quito")]), tool('{"rain": true}'), assistant("Yes, it is raining.")],
+     "rejected": [assistant("No idea.")]},
+    {"prompt": [user("Hi")], "chosen": [assistant(None)], "rejected": [assistant("Hello.")]},
+    {"prompt": [user("Weather?"), assistant(None, tool_calls=[call("Lima")]), tool(None)], "tools": TOOLS,
+     "chosen": [assistant("Sunny.")], "rejected": [assistant("Rainy.")]},
+]
+QWEN_SHAREGPT_TOOLS = [  # LLaMA-Factory's function_call (JSON of one call, or a list: parallel calls) and observation
+    {"conversations": [{"from": "human", "value": "Weather in Lima?"},
+                       {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Lima"}}'},
+                       {"from": "observation", "value": '{"temp_c": 18}'}], "system": "Use the tools.", "tools": TOOLS,
+     "chosen": {"from": "gpt", "value": "18 °C in Lima."}, "rejected": {"from": "gpt", "value": "It is snowing."}},
+    {"conversations": [{"from": "human", "value": "Weather in Lima and Cusco?"}], "system": None, "tools": TOOLS,
+     "chosen": {"from": "function_call", "value": json.dumps([{"name": "get_weather", "arguments": {"city": "Lima"}},
+                                                              {"name": "get_weather", "arguments": {"city": "Cusco"}}])},
+     "rejected": {"from": "gpt", "value": "Sunny everywhere."}},
+    {"conversations": [{"from": "narrator", "value": "Once upon a time."}], "system": None, "tools": TOOLS,
+     "chosen": {"from": "gpt", "value": "Yes."}, "rejected": {"from": "gpt", "value": "No."}},
+    {"conversations": [{"from": "human", "value": "Weather?"}], "system": None, "tools": TOOLS,
+     "chosen": {"from": "function_call", "value": "get_weather(Lima)"}, "rejected": {"from": "gpt", "value": "No."}},
+]
 QWEN_IMPLICIT = [
     {"chosen": [system("Be brief."), user("Capital of Peru?"), assistant("Lima.")],
      "rejected": [system("Be brief."), user("Capital of Peru?"), assistant("Cusco, I believe.")]},
@@ -116,13 +157,29 @@ LLAMA_SEVERAL = [  # K = 2 rejected answers (no TRL counterpart: log-probs only)
 
 # ------------------------------------------------------------------ TRL's format, written here independently
 
+def trl_message(message: dict) -> dict:
+    """A message as TRL users write it for a chat template: ShareGPT speakers as roles (a function_call as an
+    assistant tool call, an observation as a tool message), and "" for the content of a tool-call message (Qwen3's
+    template needs a string; transformers drops null keys)."""
+    if "from" in message:
+        if message["from"] == "function_call":
+            calls = json.loads(message["value"])
+            calls = [{"type": "function", "function": c} for c in (calls if isinstance(calls, list) else [calls])]
+            return assistant("", tool_calls=calls)
+        return {"role": SHAREGPT_SPEAKERS[message["from"]], "content": message["value"]}
+    return {**message, "content": message.get("content") or ""} if message.get("tool_calls") else message
+
+
 def trl_row(row: dict, run_kwargs: dict) -> dict:
     """The same row as TRL takes it: messages, the system prompt as TRL users write it, options merged."""
     out = {k: v for k, v in row.items() if k in ("prompt", "chosen", "rejected")}
     out["tools"] = row.get("tools")  # every row has every column: Dataset.from_list takes the first row's keys
     if "conversations" in row:
-        out["prompt"] = [{"role": SHAREGPT_SPEAKERS[m["from"]], "content": m["value"]} for m in row["conversations"]]
-        out["chosen"], out["rejected"] = ([{"role": "assistant", "content": row[k]["value"]}] for k in ("chosen", "rejected"))
+        out["prompt"] = row["conversations"]
+        out["chosen"], out["rejected"] = [row["chosen"]], [row["rejected"]]
+    for key in ("prompt", "chosen", "rejected"):
+        if isinstance(out.get(key), list):
+            out[key] = [trl_message(m) for m in out[key]]
     if row.get("system"):
         out["prompt"] = [system(row["system"]), *out["prompt"]] if isinstance(out["prompt"], list) else f"{row['system']}\n\n{out['prompt']}"
     out["chat_template_kwargs"] = {**run_kwargs, **(row.get("chat_template_kwargs") or {})}
@@ -191,7 +248,10 @@ def torch_models():
 
 def check_logps(cache_rows: dict, model_dir, max_length, mode, torch_models) -> None:
     """Every cached sum is within twice the error of a plain float32 torch forward of the same ids (the largest
-    over these sequences) from the exact float64 sum."""
+    over these sequences) from the exact float64 sum, plus one float32 ulp of the sum: the cache stores float32,
+    so a sum of -627 cannot be nearer than 3e-5 (a lucky torch rounding can be)."""
+    import numpy as np
+
     exact, single = torch_models(model_dir, "float64"), torch_models(model_dir, "float32")
     scored = []  # (cached value, exact value, float32 torch value)
     for row in cache_rows.values():
@@ -206,7 +266,8 @@ def check_logps(cache_rows: dict, model_dir, max_length, mode, torch_models) -> 
     ours_err = max(abs(cached_value - truth) for cached_value, truth, _ in scored)
     print(f"max |cache - float64| {ours_err:.2e}, max |float32 torch - float64| {torch_err:.2e}")
     assert torch_err > 0, "the float32 forward equals float64 exactly: the comparison could not fail"
-    assert ours_err <= 2 * torch_err, (ours_err, torch_err)
+    for cached_value, truth, _ in scored:
+        assert abs(cached_value - truth) <= 2 * torch_err + np.spacing(np.float32(abs(truth))), (cached_value, truth, torch_err)
 
 
 # ------------------------------------------------------------------ the runs
@@ -229,6 +290,11 @@ GROUPS = {  # name: (model fixture, max_length, truncation mode, {file: (rows, r
     "qwen3-chat": ("qwen3_model", 176, "keep_start", {
         "conversational": (QWEN_CONVERSATIONAL, {"enable_thinking": False}, {7: "missing prompt"}),
         "sharegpt": (QWEN_SHAREGPT, {}, {})}),
+    "qwen3-tools": ("qwen3_model", 256, "keep_start", {
+        "tool-calls": (QWEN_TOOL_CALLS, {}, {3: "chosen message 1 has neither string content nor tool calls",
+                                             4: "prompt message 3 has neither string content nor tool calls"}),
+        "sharegpt": (QWEN_SHAREGPT_TOOLS, {}, {2: "unknown ShareGPT speaker 'narrator'",
+                                               3: "function_call value is not valid JSON"})}),
     "qwen3-implicit": ("qwen3_model", 64, "keep_start", {"implicit": (QWEN_IMPLICIT, {}, {})}),
     "qwen3-text": ("qwen3_model", 48, "keep_end", {
         "text": (QWEN_TEXT, {}, {4: "chosen identical to rejected after tokenization"})}),

@@ -42,14 +42,28 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 def _check_text(row: dict, field: str) -> None:
     value = row[field]
     if is_conversational(value):
-        if not value or any(not isinstance(m.get("content"), str) for m in value):
-            raise RowRejected(f"{field} has a message without string content")
+        if not value:
+            raise RowRejected(f"{field} has no messages")
+        for number, message in enumerate(value, 1):
+            _check_message(message, f"{field} message {number}")
         if field != "prompt" and all(not m["content"].strip() and not m.get("tool_calls") for m in value):
             raise RowRejected(f"empty {field}")  # as for an empty plain-text answer
     elif not isinstance(value, str):
         raise RowRejected(f"{field} is {type(value).__name__}, not a string or message list")
     elif not value.strip() and field != "prompt":
         raise RowRejected(f"empty {field}")
+
+
+def _check_message(message: dict, where: str) -> None:
+    """A message a template can render: string content (a tool call's null content is "" by now, see
+    formats._message); tool_calls, if any, a list of objects, passed on as written."""
+    content, calls = message.get("content"), message.get("tool_calls")
+    if content is None:
+        raise RowRejected(f"{where} has neither string content nor tool calls ({message['role']})")
+    if not isinstance(content, str):
+        raise RowRejected(f"{where} has {type(content).__name__} content, not a string ({message['role']})")
+    if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+        raise RowRejected(f"{where} has tool_calls that are not a list of objects ({message['role']})")
 
 
 def _chat_ids(tokenizer, messages: list[dict], options: dict, add_generation_prompt: bool = False) -> list[int]:

@@ -7,6 +7,8 @@
 | sharegpt        | conversations: {from, value} messages; chosen, rejected: one {from, value}     |
 | implicit prompt | chosen, rejected only: the prompt is split off as TRL's extract_prompt does    |
 | K rejected      | rejected: a list of strings, or a list of message lists                        |
+Messages may carry OpenAI-style tool calls (assistant `tool_calls`, `tool` messages; ShareGPT
+`function_call`/`observation`): they go to the chat template as written, but for "" as a tool call's text.
 Column names are configurable; an optional system column becomes a system message (or, for
 plain-text prompts, a first paragraph). Optional `tools` (a list, or its JSON text) and
 `chat_template_kwargs` (an object) columns go to the chat template as TRL passes them.
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 
 from .encode import RowRejected, is_conversational, is_several
 
-# ShareGPT / LLaMA-Factory speaker names -> chat-template roles.
+# ShareGPT / LLaMA-Factory speaker names (its default tags) -> chat-template roles; a function_call becomes
+# an assistant message with tool_calls, an observation (the tool's result) a tool message.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "observation": "tool", "tool": "tool", "function_call": "assistant"}
 
@@ -46,19 +49,34 @@ def drop_nulls(value):
 
 
 def _is_message(value) -> bool:
-    return isinstance(value, dict) and ({"role", "content"} <= value.keys() or {"from", "value"} <= value.keys())
+    return isinstance(value, dict) and (value.get("role") is not None or {"from", "value"} <= value.keys())
 
 
 def _message(value: dict) -> dict:
-    if value.get("from") is None:  # {role, content}; Arrow may add from/value as null
-        return {k: v for k, v in value.items() if v is not None or k == "content"}
+    if value.get("from") is None:  # {role, content}; Arrow may add from/value, and other messages' keys, as null
+        message = {k: drop_nulls(v) for k, v in value.items() if v is not None}
+        if message.get("tool_calls") and message.get("content") is None:
+            # OpenAI writes a tool call's missing text as null; templates such as Qwen3's need a string (and
+            # transformers drops null keys, so the row would fail in TRL too): "" renders as no text.
+            message["content"] = ""
+        return message
     speaker = value["from"]
     if speaker not in SHAREGPT_ROLES:
         raise RowRejected(f"unknown ShareGPT speaker {speaker!r} (known: {', '.join(SHAREGPT_ROLES)})")
-    if speaker == "function_call":  # LLaMA-Factory: the value is the call's JSON {name, arguments}
-        return {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": _json(value["value"], "function_call")}]}
+    if speaker == "function_call":
+        return {"role": "assistant", "content": "", "tool_calls": _function_calls(value["value"])}
     extra = {k: v for k, v in value.items() if k not in ("from", "value") and v is not None}
     return {"role": SHAREGPT_ROLES[speaker], "content": value["value"], **extra}
+
+
+def _function_calls(value) -> list[dict]:
+    """OpenAI-style tool_calls for LLaMA-Factory's function_call value: the JSON of one {name, arguments}
+    call, or of a list of them (parallel calls)."""
+    calls = _json(value, "function_call value")
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) and "arguments" in c for c in calls):
+        raise RowRejected("function_call value is not a {name, arguments} object or a list of them")
+    return [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
 
 
 def as_messages(value):
