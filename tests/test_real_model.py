@@ -73,14 +73,21 @@ def test_step_one_is_ln2(smollm2, realistic_cache, tmp_path):
 
 @pytest.mark.slow
 def test_short_lora_run_raises_heldout_reward_accuracy(smollm2, tmp_path):
-    """Right vs wrong arithmetic, held out on operands never seen in training: the data and settings of
-    examples/smollm2-135m (its README shows a run)."""
-    data, cache, run = write_arithmetic_data(tmp_path / "data"), tmp_path / "cache", tmp_path / "run"
+    """Right vs wrong arithmetic, held out on operands never seen in training: the data of
+    examples/smollm2-135m cut to 48 training rows (one pass: 12 steps of 4 pairs), its LoRA settings.
+
+    Cost (measured on 2 cores shared with ~12 busy processes, OpenBLAS at 1 thread): precompute 47 CPU s,
+    a step 3.3 CPU s, an evaluation of the 32 held-out pairs 19 CPU s; the compiled step traces twice in the
+    whole run (every batch is (8, 96) tokens; the second trace comes when the first update creates the
+    optimizer state). Held-out accuracy went 0.469 -> 0.781 (seed 0) and 0.469 -> 0.875 (seed 1), margins
+    +0.28 and +0.25. At step 0 the policy is the reference and its rewards are float noise (~1e-7)."""
+    data, cache, run = write_arithmetic_data(tmp_path / "data", train_rows=48), tmp_path / "cache", tmp_path / "run"
     run_cli("precompute", "--model", smollm2, "--data", data, "--out", cache, "--max-length", 128)
-    run_cli("train", "--cache", cache, "--model", smollm2, "--output", run, "--iters", 24, "--batch-size", 4,
-            "--learning-rate", 3e-4, "--num-layers", 8, "--steps-per-eval", 24, "--val-batches", -1)
+    run_cli("train", "--cache", cache, "--model", smollm2, "--output", run, "--iters", 12, "--batch-size", 4,
+            "--learning-rate", 3e-4, "--num-layers", 8, "--steps-per-eval", 12, "--val-batches", -1)
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["split"] == "eval"]
-    assert evals[0]["step"] == 0 and evals[-1]["step"] == 24
+    assert [r["step"] for r in evals] == [0, 12]
+    assert abs(evals[0]["rewards/margins"]) < 1e-4  # the reference itself
     assert evals[-1]["rewards/accuracies"] > evals[0]["rewards/accuracies"] + 0.2
-    assert evals[-1]["rewards/margins"] > 0
+    assert evals[-1]["rewards/margins"] > 0.1
