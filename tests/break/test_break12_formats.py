@@ -38,3 +38,59 @@ def test_tools_json_text_keeps_its_nulls(qwen3_tokenizer):
     theirs = _tokenize(qwen3_tokenizer, raw["prompt"], add_generation_prompt=True, tools=json.loads(raw["tools"]))
     assert ours.prompt_ids == list(theirs["input_ids"]), (
         qwen3_tokenizer.decode(ours.prompt_ids)[-300:], qwen3_tokenizer.decode(theirs["input_ids"])[-300:])
+
+
+def _conversational_rows(n: int = 3) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"What is {i}+{i}?"}],
+             "chosen": [{"role": "assistant", "content": f"{2 * i}."}],
+             "rejected": [{"role": "assistant", "content": f"{2 * i + 1}."}]} for i in range(n)]
+
+
+def _rejects(out) -> dict:
+    path = out / "rejects.jsonl"
+    return {r["index"]: r["reason"] for r in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
+
+
+def test_a_row_chat_template_kwargs_that_breaks_the_ids_is_named(tiny_model_dir, tmp_path):
+    """Stated (item 6 and the bar): a row's chat_template_kwargs go to the chat template; a row that
+    cannot be trained on goes to rejects.jsonl with its reason, and an error is one line naming file,
+    row and field. Happens: one row with `"chat_template_kwargs": {"return_tensors": "np"}` (an
+    apply_chat_template argument, like the reserved ones the run-level option refuses) makes the whole
+    precompute die with an internal error naming no file, row or field:
+    `Error: ValueError: operands could not be broadcast together with shapes (10,) (14,)  (run with
+    --debug for the traceback)`, exit 1, nothing cached. (`--chat-template-kwargs '{"return_tensors":
+    "np"}'` gives the same error instead of the 'set by mlx-dpo itself' refusal.)"""
+    import tiny_models
+
+    rows = _conversational_rows()
+    rows[1]["chat_template_kwargs"] = {"return_tensors": "np"}
+    data = tiny_models.write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "c"
+    result = tiny_models.invoke_cli("precompute", "--model", tiny_model_dir, "--data", data, "--out", out, "--no-reuse",
+                                    catch_exceptions=True)
+    if result.exit_code == 0:
+        assert 1 in _rejects(out), result.output
+    else:
+        assert "row 1" in result.output and "chat_template_kwargs" in result.output, (result.output, result.exception)
+
+
+@pytest.mark.parametrize("value", [False, 0, []])
+def test_a_chat_template_kwargs_value_that_is_no_object_is_rejected(tiny_model_dir, tmp_path, value):
+    """Stated (formats.py, README's table): the `chat_template_kwargs` column holds an object; a row whose
+    value is another type is rejected ("chat_template_kwargs is list, not an object", as `[1]` and `5`
+    are). Happens: the falsy non-objects `false`, `0` and `[]` are silently read as no options (`... or
+    {}`), the row is cached with the run's template options, and nothing is said (TRL 1.16 fails on
+    `**[]`)."""
+    import tiny_models
+
+    rows = _conversational_rows()
+    rows[0]["chat_template_kwargs"] = value
+    rows[1]["chat_template_kwargs"] = value
+    data = tiny_models.write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "c"
+    result = tiny_models.invoke_cli("precompute", "--model", tiny_model_dir, "--data", data, "--out", out, "--no-reuse",
+                                    catch_exceptions=True)
+    if result.exit_code == 0:
+        assert "not an object" in _rejects(out).get(0, ""), (result.output, _rejects(out))
+    else:
+        assert "chat_template_kwargs" in result.output, result.output
