@@ -51,3 +51,37 @@ def test_adapters_of_another_model_is_one_line(tiny_model_dir, standard_data, tm
     assert result.exit_code != 0
     lines = _error_lines(result)
     assert len(lines) == 1 and "--adapter-path" in lines[0], result.output
+
+
+def _adapters_with_rank(directory, rank):
+    """A LoRA adapter directory for the tiny model (2 layers, q/k lora_a of rank 4) whose config says `rank`."""
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": rank, "scale": 10.0, "dropout": 0.0}}))
+    weights = {f"model.layers.{i}.self_attn.q_proj.lora_a": mx.zeros((64, 4)) for i in (0, 1)}
+    mx.save_safetensors(str(directory / "adapters.safetensors"), weights)
+    return directory
+
+
+def test_adapter_config_with_a_text_rank_is_one_line(tiny_model_dir, standard_data, standard_cache, tmp_path):
+    """Stated (item 8, README: the LoRA options come from adapter_config.json; the bar: bad input is one
+    line naming the file and field, no traceback). Happens with `"lora_parameters": {"rank": "four", ...}`:
+    precompute prints mlx-lm's multi-line TypeError (`Error: --adapter-path A: cannot apply to this model
+    (TypeError: uniform(): incompatible function arguments. The following argument types are supported:`
+    / ... / `Invoked with types: kwargs = { low: float, high: float, shape: tuple })`), and train dies
+    with an internal error naming neither file nor field:
+    `Error: TypeError: '>=' not supported between instances of 'str' and 'int' (run with --debug for the
+    traceback)`."""
+    adapters = _adapters_with_rank(tmp_path / "adapters", "four")
+    outputs = []
+    for args in (("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", tmp_path / "c",
+                  "--no-reuse"),
+                 ("train", "--cache", standard_cache, "--model", tiny_model_dir, "--output", tmp_path / "run",
+                  "--iters", 1, "--batch-size", 2)):
+        result = invoke_cli(*args, "--adapter-path", adapters, catch_exceptions=True)
+        said = result.output + ("" if result.exception is None or isinstance(result.exception, SystemExit)
+                                else f"<internal {type(result.exception).__name__}: {result.exception}>")
+        outputs.append((args[0], result.exit_code, said))
+    for command, code, said in outputs:
+        lines = [line for line in said.splitlines() if line.strip() and not line.startswith("Note:")]
+        assert code != 0 and len(lines) == 1 and "adapter_config.json" in lines[0] and "rank" in lines[0], outputs
