@@ -94,3 +94,29 @@ def test_a_chat_template_kwargs_value_that_is_no_object_is_rejected(tiny_model_d
         assert "not an object" in _rejects(out).get(0, ""), (result.output, _rejects(out))
     else:
         assert "chat_template_kwargs" in result.output, result.output
+
+
+def test_k_rejected_answers_as_sharegpt_message_lists(tiny_model_dir, tmp_path):
+    """Stated (README's format table; formats.py: "K rejected | rejected: a list of strings, or a list of
+    message lists", ShareGPT messages accepted wherever messages are, and normalize() maps each of the K
+    answers through as_messages for that). Happens: with ShareGPT answers,
+    `"rejected": [[{"from": "gpt", "value": "Cusco."}], [{"from": "gpt", "value": "Arequipa."}]]`, every
+    row is rejected: `Error: ... none of its 2 rows could be cached (2 rejected is list, not a string or
+    message list)`, exit 1, while the same rows in {role, content} form are cached with K = 2
+    (is_several only sees {role, content} lists, so the ShareGPT answers are never converted)."""
+    import tiny_models
+
+    def sharegpt(text):
+        return [{"from": "gpt", "value": text}]
+
+    rows = [{"conversations": [{"from": "human", "value": f"Capital of {country}?"}],
+             "chosen": sharegpt(capital), "rejected": [sharegpt(wrong1), sharegpt(wrong2)]}
+            for country, capital, wrong1, wrong2 in [("Peru", "Lima.", "Cusco.", "Arequipa."),
+                                                     ("Chile", "Santiago.", "Lima.", "Valparaiso.")]]
+    data = tiny_models.write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "c"
+    result = tiny_models.invoke_cli("precompute", "--model", tiny_model_dir, "--data", data, "--out", out,
+                                    "--no-reuse", catch_exceptions=True)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rejected_per_prompt"] == 2 and manifest["splits"]["train"]["rows_cached"] == 2, manifest["splits"]
