@@ -120,3 +120,25 @@ def test_k_rejected_answers_as_sharegpt_message_lists(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rejected_per_prompt"] == 2 and manifest["splits"]["train"]["rows_cached"] == 2, manifest["splits"]
+
+
+def test_a_sharegpt_speaker_that_is_an_object_is_a_reject(tiny_model_dir, tmp_path):
+    """Stated (item 1, the bar): ShareGPT rows are read; a row that cannot be trained on goes to
+    rejects.jsonl with its reason (e.g. "unknown ShareGPT speaker 'Human'"), nothing is lost, and bad
+    input never ends in an internal error. Happens: a speaker that is an object or a list
+    (`"from": {"name": "human"}`, e.g. a nested export) crashes the whole precompute:
+    `Error: TypeError: unhashable type: 'dict' (run with --debug for the traceback)`, exit 1, naming no
+    file, row or field (the `speaker not in SHAREGPT_ROLES` lookup)."""
+    import tiny_models
+
+    good = {"conversations": [{"from": {"name": "human"}, "value": "Capital of Peru?"}],
+            "chosen": {"from": {"name": "gpt"}, "value": "Lima."}, "rejected": {"from": {"name": "gpt"}, "value": "Cusco."}}
+    data = tiny_models.write_jsonl(tmp_path / "d.jsonl", [good, good])
+    out = tmp_path / "c"
+    result = tiny_models.invoke_cli("precompute", "--model", tiny_model_dir, "--data", data, "--out", out,
+                                    "--no-reuse", catch_exceptions=True)
+    said = result.output + ("" if result.exception is None or isinstance(result.exception, SystemExit)
+                            else f"<internal {type(result.exception).__name__}: {result.exception}>")
+    assert "<internal" not in said, said
+    # Every row has the bad speaker: the run stops with the reasons, which name the speaker.
+    assert result.exit_code != 0 and "speaker" in said, said
