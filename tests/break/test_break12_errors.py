@@ -82,6 +82,6 @@ def test_adapter_config_with_a_text_rank_is_one_line(tiny_model_dir, standard_da
         said = result.output + ("" if result.exception is None or isinstance(result.exception, SystemExit)
                                 else f"<internal {type(result.exception).__name__}: {result.exception}>")
         outputs.append((args[0], result.exit_code, said))
-    for command, code, said in outputs:
+    for _command, code, said in outputs:
         lines = [line for line in said.splitlines() if line.strip() and not line.startswith("Note:")]
         assert code != 0 and len(lines) == 1 and "adapter_config.json" in lines[0] and "rank" in lines[0], outputs
