@@ -66,3 +66,30 @@ def test_console_script_errors_are_one_line_without_traceback(tmp_path):
                              "--output", str(tmp_path / "o")], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip() == f"Error: {tmp_path}: not a complete mlx-dpo cache (no manifest.json; run `mlx-dpo precompute`)"
+
+
+MULTI_LINE = "Adapter at a contains incompatible tensors:\n  x.lora_a: shape (1,)\n\n  y.lora_a: shape (2,)\n"
+ONE_LINE = "Adapter at a contains incompatible tensors: / x.lora_a: shape (1,) / y.lora_a: shape (2,)"
+
+
+def test_a_library_message_is_one_line_on_every_error_path(monkeypatch, capsys):
+    """Bad input (UserError), a rejected row's reason (RowRejected) and the console's last resort for
+    anything else each show a library's many-line message on one line; a very long one is cut."""
+    from mlx_dpo import cli as cli_module
+    from mlx_dpo.errors import MAX_MESSAGE, one_line
+    from mlx_dpo.pipeline.encode import RowRejected
+
+    assert UserError(f"m: cannot load ({MULTI_LINE})").format_message() == f"m: cannot load ({ONE_LINE})"
+    assert str(RowRejected(f"chat template error: {MULTI_LINE}")) == f"chat template error: {ONE_LINE}"
+    long = one_line("x\n" * 1000)
+    assert len(long) == MAX_MESSAGE and long.endswith("…") and "\n" not in long
+
+    def internal_error(**_):
+        raise ValueError(MULTI_LINE)
+
+    monkeypatch.setattr(cli_module.cli, "main", internal_error)
+    monkeypatch.setattr(sys, "argv", ["mlx-dpo", "cache", "ls"])
+    with pytest.raises(SystemExit) as stopped:
+        cli_module.main()
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == f"Error: ValueError: {ONE_LINE} (run with --debug for the traceback)\n"

@@ -14,7 +14,7 @@ import click
 import yaml
 
 from .. import __version__
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..pipeline.config import PrecomputeConfig
 from ..pipeline.remote import is_remote, local_cache, precompute_remote
 from ..trainer.config import TrainConfig
@@ -181,6 +181,6 @@ def main() -> None:
     except Exception as error:
         if debug:
             raise
-        click.echo(f"Error: {type(error).__name__}: {error} (run with --debug for the traceback)", err=True)
+        click.echo(f"Error: {one_line(f'{type(error).__name__}: {error}')} (run with --debug for the traceback)", err=True)
         sys.exit(1)
 
