@@ -56,6 +56,21 @@ def test_a_bad_file_in_a_data_folder_is_named(tiny_model_dir, tmp_path):
     one_line_error(result, f"{tmp_path / 'data' / 'valid.jsonl'}: line 1: invalid JSON")
 
 
+@pytest.mark.parametrize("train, valid, expected", [
+    ({"chosen": "The answer is four.", "rejected": "The answer is five."}, {"prompt": "2+2?", **GOOD},
+     "train.jsonl and valid.jsonl have different columns (only valid.jsonl has prompt)"),
+    (GOOD, {"prompt": "2+2?", "chosen": [{"role": "assistant", "content": "4"}], "rejected": " five."},
+     "train.jsonl and valid.jsonl have different column types (chosen: string in train.jsonl, list in valid.jsonl)"),
+])
+def test_split_files_that_disagree_are_named_in_one_line(tiny_model_dir, tmp_path, train, valid, expected):
+    """datasets refuses such a folder with a many-line cast error naming neither file."""
+    (tmp_path / "data").mkdir()
+    write(tmp_path / "data" / "train.jsonl", json.dumps(train) + "\n")
+    write(tmp_path / "data" / "valid.jsonl", json.dumps(valid) + "\n")
+    result = run("precompute", "--model", tiny_model_dir, "--data", tmp_path / "data", "--out", tmp_path / "out")
+    one_line_error(result, f"{tmp_path / 'data'}: {expected}; the data files of a folder need the same columns")
+
+
 @pytest.mark.parametrize("remove, expected", [
     (["tokenizer.json", "tokenizer_config.json"], "no tokenizer (none of tokenizer.json"),
     (["model.safetensors"], "no model*.safetensors weights (only safetensors are loaded, never pickle)"),

@@ -35,8 +35,45 @@ def load_splits(data: str) -> dict:
     except (FileNotFoundError, DatasetNotFoundError) as error:
         raise UserError(f"{data}: dataset not found ({error})") from error
     except Exception as error:  # datasets wraps parse errors in several types
+        if path.is_dir() and (mismatch := _files_disagree(path)):
+            raise UserError(f"{data}: {mismatch}; the data files of a folder need the same columns, of the same types") from error
         cause = error.__cause__ or error
         raise UserError(f"{data}: could not read the data ({type(cause).__name__}: {cause})") from error
+
+
+def _files_disagree(directory: Path) -> str | None:
+    """Which two data files of `directory` have other columns (or column types), e.g. "train.jsonl and
+    valid.jsonl have different columns (only valid.jsonl has prompt)"; None if they agree. datasets
+    refuses such a folder with a many-line cast error naming no file. Reads each file alone."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(str(directory))
+        files = [str(f) for split in builder.config.data_files.values() for f in split]
+        features = {f: datasets.load_dataset(builder.name, data_files={"x": [f]}, split="x").features for f in files}
+    except Exception:  # not a disagreement we can name: the caller shows datasets' own message
+        return None
+    root = directory.resolve()
+    names = {f: Path(f).relative_to(root).as_posix() if Path(f).is_relative_to(root) else f for f in files}
+    first = files[0]
+    for other in files[1:]:
+        a, b = features[first], features[other]
+        only = [f"only {names[f]} has {', '.join(sorted(set(x) - set(y)))}"
+                for f, x, y in ((first, a, b), (other, b, a)) if set(x) - set(y)]
+        if only:
+            return f"{names[first]} and {names[other]} have different columns ({'; '.join(only)})"
+        typed = [f"{c}: {_kind(a[c])} in {names[first]}, {_kind(b[c])} in {names[other]}" for c in a if a[c] != b[c]]
+        if typed:
+            return f"{names[first]} and {names[other]} have different column types ({'; '.join(typed)})"
+    return None
+
+
+def _kind(feature) -> str:
+    """A column type in a few words: string, int64, list, object."""
+    if isinstance(feature, dict):
+        return "object"
+    return getattr(feature, "dtype", None) or ("list" if type(feature).__name__ in ("List", "Sequence",
+                                                                                  "LargeList") else type(feature).__name__)
 
 
 def _looks_like_hub_id(name: str) -> bool:
