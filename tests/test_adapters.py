@@ -2,8 +2,10 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -112,7 +114,69 @@ def test_a_starting_point_other_than_the_reference_is_said(tiny_model_dir, sft_a
         assert len(notes) == 1 and "its adapters" in notes[0] and "weights" not in notes[0], result.output
 
 
+def test_the_starting_point_note_is_the_line_the_readme_quotes(tiny_model_dir, sft_adapters, standard_cache, tmp_path):
+    """The README's 'Starting points' quotes the note; the real one differs only in the model path
+    and the adapters' fingerprint."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    quoted = " ".join(re.search(r"says so in one line:\s*`(Note:[^`]*)`", readme).group(1).split())
+    result = run_cli("train", "--cache", standard_cache, "--model", tiny_model_dir, "--adapter-path", sft_adapters,
+                     "--output", tmp_path / "run", "--iters", 1, "--batch-size", 2)
+    (note,) = [line for line in result.output.splitlines() if line.startswith("Note:")]
+
+    def general(line):
+        return re.sub(r"\b[0-9a-f]{12}…", "HASH…", line)
+
+    assert general(note.replace(str(tiny_model_dir), "M")) == general(quoted), (note, quoted)
+
+
 def test_missing_adapter_directory_is_one_line(tiny_model_dir, standard_data, tmp_path):
     result = run_cli("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", tmp_path / "c",
                      "--adapter-path", tmp_path / "nowhere", ok=False)
     assert result.exit_code != 0 and "--adapter-path" in result.output and "no such directory" in result.output
+
+
+def _adapters(directory, config, weights):
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(directory / "adapters.safetensors"), weights)
+    return directory
+
+
+LORA_CONFIG = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}
+
+
+def test_adapters_of_another_model_are_one_line(tiny_model_dir, standard_data, tmp_path):
+    """mlx-lm's message has a line per tensor; ours names the directory, the count and the first."""
+    weights = {f"model.layers.{layer}.self_attn.{proj}.lora_a": mx.zeros((32, 4))  # hidden size 32, not 64
+               for layer in (0, 1) for proj in ("q_proj", "k_proj")}
+    adapters = _adapters(tmp_path / "adapters", LORA_CONFIG, weights)
+    result = run_cli("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", tmp_path / "c",
+                     "--adapter-path", adapters, "--no-reuse", ok=False)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert (f"--adapter-path {adapters}: 4 adapter tensor(s) do not fit this model (first: "
+            "model.layers.0.self_attn.k_proj.lora_a: shape (32, 4), the model's (64, 4))") in result.output
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"lora_parameters": {"rank": "four", "scale": 10.0, "dropout": 0.0}}, "lora_parameters.rank is 'four', not a positive integer"),
+    ({"lora_parameters": {"rank": 4, "scale": "10", "dropout": 0.0}}, "lora_parameters.scale is '10', not a number"),
+    ({"lora_parameters": {"rank": 4, "scale": 10.0}}, "lora_parameters.dropout is missing"),
+    ({"lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": "self_attn.q_proj"}},
+     "lora_parameters.keys is 'self_attn.q_proj', not a list of layer names"),
+    ({"lora_parameters": [4, 10.0, 0.0]}, "lora_parameters is [4, 10.0, 0.0], not an object"),
+    ({"num_layers": True}, "num_layers is True, not a positive integer or -1"),
+    ({"fine_tune_type": ["lora"]}, "fine_tune_type ['lora'] is not lora, dora or full"),
+])
+def test_a_wrongly_typed_adapter_config_field_is_one_line_naming_it(tiny_model_dir, standard_data, standard_cache,
+                                                                   tmp_path, change, expected):
+    """In precompute and in train, before anything reads it (mlx-lm's TypeError spanned several lines;
+    train died on a comparison naming neither file nor field)."""
+    weights = {f"model.layers.{i}.self_attn.q_proj.lora_a": mx.zeros((64, 4)) for i in (0, 1)}
+    adapters = _adapters(tmp_path / "adapters", {**LORA_CONFIG, **change}, weights)
+    for args in (("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", tmp_path / "c", "--no-reuse"),
+                 ("train", "--cache", standard_cache, "--model", tiny_model_dir, "--output", tmp_path / "run",
+                  "--iters", 1, "--batch-size", 2)):
+        result = tiny_models.invoke_cli(*args, "--adapter-path", adapters, catch_exceptions=True)
+        assert isinstance(result.exception, SystemExit), (args[0], repr(result.exception))  # not an internal error
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, (args[0], result.output)
+        assert f"{adapters / 'adapter_config.json'}: {expected}" in result.output, (args[0], result.output)

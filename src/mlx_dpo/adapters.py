@@ -25,7 +25,8 @@ DEFAULTS = {"fine_tune_type": "lora", "num_layers": -1, "lora_rank": 8, "lora_sc
 
 
 def read_adapter_config(path: str | Path) -> dict:
-    """adapter_config.json of an adapter directory; UserError naming the file when it is unusable."""
+    """adapter_config.json of an adapter directory, its fields checked as mlx-lm reads them; a
+    one-line UserError naming the file (and field) when it is unusable."""
     directory = Path(path)
     if not directory.is_dir():
         raise UserError(f"--adapter-path {path}: no such directory")
@@ -34,17 +35,55 @@ def read_adapter_config(path: str | Path) -> dict:
             raise UserError(f"--adapter-path {path}: no {name} (an mlx-lm adapter directory has {CONFIG} and {WEIGHTS})")
     try:
         config = json.loads((directory / CONFIG).read_text())
-        options = adapter_options(config)
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError) as error:
         raise UserError(f"{directory / CONFIG}: unreadable adapter config ({type(error).__name__}: {error})") from error
-    if options["fine_tune_type"] not in ("lora", "dora", "full"):
-        raise UserError(f"{directory / CONFIG}: fine_tune_type {options['fine_tune_type']!r} is not lora, dora or full")
+    if problem := config_problem(config):
+        raise UserError(f"{directory / CONFIG}: {problem}")
     return config
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def config_problem(config) -> str | None:
+    """What makes an adapter config unusable, naming the field ("lora_parameters.rank is 'four', not
+    a positive integer"), or None. mlx-lm's load_adapters reads fine_tune_type (default lora) and, for
+    LoRA/DoRA, num_layers and lora_parameters rank, scale, dropout and the optional keys."""
+    if not isinstance(config, dict):
+        return f"is {type(config).__name__}, not a JSON object"
+    kind = config.get("fine_tune_type", "lora")
+    if kind not in ("lora", "dora", "full"):
+        return f"fine_tune_type {kind!r} is not lora, dora or full"
+    if kind == "full":
+        return None
+    params = config.get("lora_parameters")
+    if not isinstance(params, dict):
+        return "lora_parameters is missing" if params is None else f"lora_parameters is {params!r}, not an object"
+    checks = [  # (name, value, right, what it must be)
+        ("num_layers", config.get("num_layers"), lambda v: _is_int(v) and (v == -1 or v > 0), "a positive integer or -1"),
+        ("lora_parameters.rank", params.get("rank"), lambda v: _is_int(v) and v > 0, "a positive integer"),
+        ("lora_parameters.scale", params.get("scale"), _is_number, "a number"),
+        ("lora_parameters.dropout", params.get("dropout"), lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ]
+    for name, value, right, what in checks:
+        if value is None:
+            return f"{name} is missing (mlx-lm needs it for {kind} adapters)"
+        if not right(value):
+            return f"{name} is {value!r}, not {what}"
+    keys = params.get("keys")
+    if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        return f"lora_parameters.keys is {keys!r}, not a list of layer names"
+    return None
+
+
 def adapter_options(config: dict) -> dict:
-    """The TrainConfig options an adapter config fixes, e.g. {"lora_rank": 8, ...} (mlx-lm's defaults
-    where a key is absent: fine_tune_type lora)."""
+    """The TrainConfig options a (checked) adapter config fixes, e.g. {"lora_rank": 8, ...}
+    (fine_tune_type lora where absent, as mlx-lm)."""
     options = {}
     for name, keys in OPTIONS.items():
         value = config
@@ -53,8 +92,6 @@ def adapter_options(config: dict) -> dict:
         if value is not None:
             options[name] = value
     options.setdefault("fine_tune_type", "lora")
-    if options["fine_tune_type"] != "full" and not {"num_layers", "lora_rank", "lora_scale"} <= set(options):
-        raise KeyError("num_layers and lora_parameters (rank, scale) are needed for LoRA/DoRA adapters")
     return options
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from .adapters import WEIGHTS, read_adapter_config
 from .errors import UserError
 from .schemas.identity import DTYPES, hash_files, identity_hash
 
@@ -220,11 +221,37 @@ def apply_adapters(model: nn.Module, adapter_path: str) -> None:
     weights of a full fine-tune); the LoRA/DoRA parameters are left trainable."""
     from mlx_lm.tuner.utils import load_adapters
 
+    read_adapter_config(adapter_path)  # its fields and types, named in one line
     model.freeze()
     try:
         load_adapters(model, adapter_path)
     except Exception as error:  # shapes of another model, missing tensors, unreadable file
+        misfits = _misfits(model, adapter_path)
+        if misfits:  # mlx-lm's message has a line per tensor
+            raise UserError(f"--adapter-path {adapter_path}: {len(misfits)} adapter tensor(s) do not fit this model "
+                            f"(first: {misfits[0]})") from error
         raise UserError(f"--adapter-path {adapter_path}: cannot apply to this model ({type(error).__name__}: {error})") from error
+
+
+def _misfits(model: nn.Module, adapter_path: str) -> list[str]:
+    """The adapter tensors that have no place of their shape in `model` (with its LoRA/DoRA layers
+    added, as load_adapters leaves it), one phrase each; [] if the file cannot be read."""
+    from mlx.utils import tree_flatten
+
+    try:
+        weights = mx.load(str(Path(adapter_path) / WEIGHTS))
+    except Exception:
+        return []
+    params = dict(tree_flatten(model.parameters()))
+    full = read_adapter_config(adapter_path).get("fine_tune_type", "lora") == "full"
+    misfits = []
+    for name, value in sorted(weights.items()):
+        place = params.get(name) if full or name.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "m") else None
+        if place is None:
+            misfits.append(f"{name}: not an adapter parameter of this model")
+        elif place.shape != value.shape:
+            misfits.append(f"{name}: shape {tuple(value.shape)}, the model's {tuple(place.shape)}")
+    return misfits
 
 
 def is_quantized(model: nn.Module) -> bool:
