@@ -70,6 +70,10 @@ def cached(out):
     return {r["index"]: r for r in pq.read_table(sorted((out / "train").glob("*.parquet"))).to_pylist()}
 
 
+def rejects(out):
+    return {r["index"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+
+
 @pytest.fixture(scope="module")
 def options_model(tiny_model_dir, tmp_path_factory):
     return model_with_template(tiny_model_dir, tmp_path_factory.mktemp("options") / "model", OPTIONS_TEMPLATE)
@@ -121,6 +125,8 @@ def test_run_template_options_are_in_the_identity(options_model, tmp_path):
     ("{oops", "--chat-template-kwargs: not JSON"),
     ("[1]", "--chat-template-kwargs: expected a JSON object"),
     ('{"add_generation_prompt": false}', "add_generation_prompt is set by mlx-dpo itself"),
+    ('{"return_tensors": "np"}', "return_tensors is set by mlx-dpo itself"),
+    ('{"truncation": true, "max_length": 4}', "max_length, truncation is set by mlx-dpo itself"),
 ])
 def test_bad_run_template_options(tiny_model_dir, standard_data, tmp_path, value, expected):
     result = run("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", tmp_path / "c",
@@ -156,3 +162,75 @@ def test_a_template_that_raises_rejects_the_row(tiny_model_dir, tmp_path):
     result = precompute(model, rows, tmp_path / "strict", "--strict")
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert f"{tmp_path / 'strict.jsonl'} [train] row 0: chat template error: System role not supported" in result.output
+
+
+def test_every_apply_chat_template_argument_is_reserved_or_a_template_input():
+    """Each named argument of the installed transformers' apply_chat_template is either set by the
+    encoder (refused in a row's or the run's options) or only shapes the rendered text."""
+    import inspect
+
+    from transformers import PreTrainedTokenizerBase
+
+    from mlx_dpo.pipeline.config import RESERVED_TEMPLATE_ARGUMENTS, TEMPLATE_INPUT_ARGUMENTS
+
+    named = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
+    assert named == RESERVED_TEMPLATE_ARGUMENTS | TEMPLATE_INPUT_ARGUMENTS
+
+
+@pytest.mark.parametrize("options", [{"return_tensors": "np"}, {"padding": "max_length", "max_length": 64},
+                                     {"tokenize": False}])
+def test_a_row_setting_a_tokenization_argument_is_rejected(tiny_model_dir, tmp_path, options):
+    """A row's chat_template_kwargs may not change how the encoder tokenizes (return_tensors made the
+    whole run fail on broadcasting): that row is rejected naming the field, the others are cached."""
+    rows = [conversation(f"What is {i}+{i}?", f"{2 * i}.", f"{2 * i + 1}.") for i in range(3)]
+    rows[1]["chat_template_kwargs"] = options
+    result = precompute(tiny_model_dir, rows, tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    assert set(cached(tmp_path / "c")) == {0, 2}
+    assert rejects(tmp_path / "c") == {1: f"chat_template_kwargs: {', '.join(sorted(options))} is set by mlx-dpo itself"}
+
+
+@pytest.mark.parametrize("value", [False, 0, [], "", "null", 5, [1], "[]"])
+def test_a_row_chat_template_kwargs_that_is_no_object_is_rejected(tiny_model_dir, tmp_path, value):
+    """Falsy non-objects (false, 0, []) are rejected like [1] and 5, not read as no options; JSON
+    text is read as its value ("null": no options, "[]": a list)."""
+    rows = [conversation(f"What is {i}+{i}?", f"{2 * i}.", f"{2 * i + 1}.") for i in range(3)]
+    rows[0]["chat_template_kwargs"] = value
+    result = precompute(tiny_model_dir, rows, tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    if value == "null":
+        assert rejects(tmp_path / "c") == {} and set(cached(tmp_path / "c")) == {0, 1, 2}
+    else:
+        reason = rejects(tmp_path / "c")[0]
+        assert reason.startswith("chat_template_kwargs ") and ("not an object" in reason or "not valid JSON" in reason), reason
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer():
+    from transformers import AutoTokenizer
+
+    import real_tokenizers
+
+    return AutoTokenizer.from_pretrained(str(real_tokenizers.qwen3_tokenizer_files()))
+
+
+def test_tools_as_json_text_keep_their_nulls(qwen3_tokenizer):
+    """Tools given as JSON text reach the template as written, null-valued keys included: token ids
+    equal TRL 1.16's (which json.loads the text). Only Arrow's filled-in nulls are dropped."""
+    from trl.data_utils import _tokenize
+
+    from mlx_dpo.pipeline.encode import encode_row
+    from mlx_dpo.pipeline.formats import Fields, normalize
+
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "required": ["city"], "properties": {
+            "city": {"type": "string"}, "unit": {"type": ["string", "null"], "default": None}}}}}]
+    raw = {**conversation("Weather in Lima?", "Sunny.", "Rain."), "tools": json.dumps(tools),
+           "chat_template_kwargs": json.dumps({"enable_thinking": None})}
+    row, _ = normalize(raw, Fields())
+    assert row["tools"] == tools and row["chat_template_kwargs"] == {"enable_thinking": None}
+    ours = encode_row(qwen3_tokenizer, {**row, "chat_template_kwargs": {}})
+    theirs = _tokenize(qwen3_tokenizer, raw["prompt"], add_generation_prompt=True, tools=json.loads(raw["tools"]))
+    assert ours.prompt_ids == list(theirs["input_ids"])
+    assert '"default": null' in qwen3_tokenizer.decode(ours.prompt_ids)

@@ -240,3 +240,43 @@ def test_renamed_columns_and_implicit_prompt_end_to_end(tiny_model_dir, tmp_path
     result = run("precompute", "--model", tiny_model_dir, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "c2",
                  "--chosen-field", "good", "--rejected-field", "bad", "--valid-fraction", "0.34")
     assert pq.read_table(tmp_path / "c2" / "valid" / "part-00000.parquet")["index"].to_pylist() == indices["valid"]
+
+
+def test_k_rejected_answers_may_be_sharegpt_message_lists(tiny_model_dir, tmp_path):
+    """Each of K rejected answers is read in either message form: ShareGPT answers cache the same
+    token ids as the same rows in {role, content} form."""
+    def sharegpt(text):
+        return [{"from": "gpt", "value": text}]
+
+    cases = [("Peru", "Lima.", "Cusco.", "Arequipa."), ("Chile", "Santiago.", "Lima.", "Valparaíso.")]
+    rows = {"sharegpt": [{"conversations": [{"from": "human", "value": f"Capital of {country}?"}],
+                          "chosen": sharegpt(right), "rejected": [sharegpt(wrong1), sharegpt(wrong2)]}
+                         for country, right, wrong1, wrong2 in cases],
+            "lists": [{"prompt": [msg("user", f"Capital of {country}?")], "chosen": [msg("assistant", right)],
+                       "rejected": [[msg("assistant", wrong1)], [msg("assistant", wrong2)]]}
+                      for country, right, wrong1, wrong2 in cases]}
+    results = {name: precompute(tiny_model_dir, data, tmp_path / name) for name, data in rows.items()}
+    for name, result in results.items():
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert manifest["rejected_per_prompt"] == 2 and manifest["splits"]["train"]["rows_cached"] == 2, name
+    assert "format: sharegpt" in results["sharegpt"].output
+    assert {i: ids(r) for i, r in cached(tmp_path / "sharegpt").items()} == {i: ids(r) for i, r in cached(tmp_path / "lists").items()}
+
+
+@pytest.mark.parametrize("speaker", [{"name": "human"}, ["human"], 1])
+def test_a_sharegpt_speaker_that_is_no_string_is_a_reject(tiny_model_dir, tmp_path, speaker):
+    """A row whose speaker is an object, a list or a number is rejected with its reason; a run of
+    only such rows stops with that reason (never an internal error)."""
+    assert split({"conversations": [{"from": speaker, "value": "Capital of Peru?"}],
+                  "chosen": {"from": "gpt", "value": "Lima."}, "rejected": {"from": "gpt", "value": "Cusco."}},
+                 Fields(prompt="conversations")) == (
+        f"ShareGPT speaker {speaker!r} is {type(speaker).__name__}, not a string")
+    bad = {"conversations": [{"from": speaker, "value": "Capital of Peru?"}],
+           "chosen": {"from": speaker, "value": "Lima."}, "rejected": {"from": speaker, "value": "Cusco."}}
+    result = tiny_models.invoke_cli("precompute", "--model", tiny_model_dir, "--data",
+                                    tiny_models.write_jsonl(tmp_path / "d.jsonl", [bad, bad]), "--out", tmp_path / "c",
+                                    catch_exceptions=True)
+    assert isinstance(result.exception, SystemExit | None), repr(result.exception)  # not an internal error
+    assert result.exit_code == 1 and "ShareGPT speaker" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output

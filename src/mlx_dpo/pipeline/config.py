@@ -7,8 +7,13 @@ from ..errors import UserError
 from ..schemas.identity import DTYPES
 from ..schemas.sequence import TRUNCATION_MODES
 
-# apply_chat_template arguments the encoder sets itself (TRL's tokenization).
-RESERVED_TEMPLATE_ARGUMENTS = {"conversation", "tokenize", "return_dict", "add_generation_prompt", "continue_final_message"}
+# apply_chat_template arguments the encoder sets itself (TRL's tokenization: a flat list of ids,
+# whole, unpadded), refused in --chat-template-kwargs and a row's chat_template_kwargs.
+RESERVED_TEMPLATE_ARGUMENTS = {"conversation", "tokenize", "return_dict", "add_generation_prompt", "continue_final_message",
+                               "padding", "truncation", "max_length", "return_tensors", "return_assistant_tokens_mask",
+                               "tokenizer_kwargs"}
+# Its other arguments shape only the rendered text, so a row or the run may set them.
+TEMPLATE_INPUT_ARGUMENTS = {"tools", "documents", "chat_template", "sanitize_control_tokens"}
 
 
 @dataclass(frozen=True)

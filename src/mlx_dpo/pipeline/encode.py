@@ -8,7 +8,9 @@ add_generation_prompt=True, with the row's `tools` and `chat_template_kwargs`.
 """
 
 from dataclasses import dataclass
+from numbers import Integral
 
+from ..errors import one_line
 from ..schemas.sequence import rejected_id_lists
 
 
@@ -23,7 +25,10 @@ class Encoded:
 
 
 class RowRejected(Exception):
-    """A row that cannot be trained on; the message is its reason, recorded in the rejects file."""
+    """A row that cannot be trained on; the message is its reason (one line), recorded in the rejects file."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(one_line(reason))
 
 
 def is_conversational(value) -> bool:
@@ -76,7 +81,10 @@ def _chat_ids(tokenizer, messages: list[dict], options: dict, add_generation_pro
     except Exception as error:  # the template's own raise_exception, or any failure while rendering
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RowRejected(f"chat template error: {message}") from error
-    return list(out["input_ids"])
+    ids = out["input_ids"]
+    if not isinstance(ids, list | tuple) or not all(isinstance(i, Integral) for i in ids):  # e.g. tensors
+        raise RowRejected(f"the chat template with options {', '.join(sorted(options))} gives no list of token ids")
+    return [int(i) for i in ids]
 
 
 def is_several(rejected) -> bool:

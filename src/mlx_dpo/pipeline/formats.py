@@ -17,6 +17,7 @@ plain-text prompts, a first paragraph). Optional `tools` (a list, or its JSON te
 import json
 from dataclasses import dataclass
 
+from .config import RESERVED_TEMPLATE_ARGUMENTS
 from .encode import RowRejected, is_conversational, is_several
 
 # ShareGPT / LLaMA-Factory speaker names (its default tags) -> chat-template roles; a function_call becomes
@@ -61,6 +62,8 @@ def _message(value: dict) -> dict:
             message["content"] = ""
         return message
     speaker = value["from"]
+    if not isinstance(speaker, str):  # e.g. {"name": "human"}: no role to look up (nor a hashable key)
+        raise RowRejected(f"ShareGPT speaker {speaker!r} is {type(speaker).__name__}, not a string")
     if speaker not in SHAREGPT_ROLES:
         raise RowRejected(f"unknown ShareGPT speaker {speaker!r} (known: {', '.join(SHAREGPT_ROLES)})")
     if speaker == "function_call":
@@ -98,14 +101,24 @@ def _json(value, name: str):
         raise RowRejected(f"{name} is not valid JSON ({error.msg} at column {error.colno})") from error
 
 
+def _column_value(raw: dict, name: str):
+    """A column's value: JSON text parsed as written (its nulls are the user's), Arrow values without
+    the nulls Arrow fills in (see drop_nulls)."""
+    value = raw.get(name)
+    return _json(value, name) if isinstance(value, str) else drop_nulls(value)
+
+
 def row_template_options(raw: dict, fields: Fields) -> tuple[list | None, dict]:
     """The row's tools (None when absent) and chat-template keyword arguments ({} when absent)."""
-    tools = drop_nulls(_json(raw.get(fields.tools), fields.tools))
+    tools = _column_value(raw, fields.tools)
     if tools is not None and not isinstance(tools, list):
         raise RowRejected(f"{fields.tools} is {type(tools).__name__}, not a list of tool definitions")
-    kwargs = drop_nulls(_json(raw.get(fields.chat_template_kwargs), fields.chat_template_kwargs)) or {}
+    kwargs = _column_value(raw, fields.chat_template_kwargs)
+    kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, dict):
         raise RowRejected(f"{fields.chat_template_kwargs} is {type(kwargs).__name__}, not an object")
+    if taken := sorted(RESERVED_TEMPLATE_ARGUMENTS & kwargs.keys()):
+        raise RowRejected(f"{fields.chat_template_kwargs}: {', '.join(taken)} is set by mlx-dpo itself")
     return tools, kwargs
 
 
@@ -158,8 +171,9 @@ def normalize(raw: dict, fields: Fields) -> tuple[dict, str]:
     rejected is a single answer or a list of K answers. Raises RowRejected with the reason."""
     chosen, sharegpt_chosen = as_messages(raw[fields.chosen])
     rejected, sharegpt_rejected = as_messages(raw[fields.rejected])
-    if is_several(rejected):
-        rejected = [as_messages(answer)[0] for answer in rejected]
+    if isinstance(rejected, list) and not is_conversational(rejected):  # K answers: each in either message form
+        answers = [as_messages(answer) for answer in rejected]
+        rejected, sharegpt_rejected = [a for a, _ in answers], any(sharegpt for _, sharegpt in answers)
     if fields.prompt is None:
         prompt, chosen, rejected = _implicit(chosen, rejected, fields)
         kind, sharegpt = "implicit prompt", sharegpt_chosen or sharegpt_rejected
