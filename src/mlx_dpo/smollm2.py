@@ -95,9 +95,16 @@ SYSTEM = "You are a careful calculator. Answer with the equation and its result.
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def arithmetic_rows(count: int, seed: int, operands: range) -> list[dict]:
+def _fact(question: str) -> tuple:
+    """A question as the fact it asks: "3 * 11" and "11 * 3" are one."""
+    a, op, b = question.split()
+    return (op, *sorted((a, b))) if op in "+*" else (a, op, b)
+
+
+def arithmetic_rows(count: int, seed: int, operands: range, avoid: set[tuple] = frozenset()) -> list[dict]:
     """Conversational rows: a system prompt, one solved example turn, then a question; the chosen
-    answer is right, the rejected one off by 1-10. Multiplication keeps to factors below 13."""
+    answer is right, the rejected one off by 1-10. Multiplication keeps to factors below 13, so
+    each question (shown or asked) is drawn again while its fact is in `avoid` (another split's)."""
     import random
 
     rng = random.Random(seed)
@@ -105,7 +112,7 @@ def arithmetic_rows(count: int, seed: int, operands: range) -> list[dict]:
     def question():
         op = rng.choice(list(OPS))
         a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.choice(operands), rng.choice(operands))
-        return f"{a} {op} {b}", OPS[op](a, b)
+        return (f"{a} {op} {b}", OPS[op](a, b)) if _fact(f"{a} {op} {b}") not in avoid else question()
 
     rows = []
     for _ in range(count):
@@ -123,11 +130,14 @@ def arithmetic_rows(count: int, seed: int, operands: range) -> list[dict]:
 
 
 def write_arithmetic_data(directory: Path, train_rows: int = 96, valid_rows: int = 32) -> Path:
-    """train.jsonl (operands 2-49) and valid.jsonl (operands 50-99: questions never seen in training)."""
+    """train.jsonl (operands 2-49) and valid.jsonl (operands 50-99, and products no train row shows
+    or asks: questions never seen in training)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", arithmetic_rows(train_rows, 0, range(2, 50))),
-                       ("valid", arithmetic_rows(valid_rows, 1, range(50, 100)))):
+    train = arithmetic_rows(train_rows, 0, range(2, 50))
+    seen = {_fact(m["content"].removeprefix("What is ").removesuffix("?"))
+            for row in train for m in row["prompt"] if m["role"] == "user"}
+    for name, rows in (("train", train), ("valid", arithmetic_rows(valid_rows, 1, range(50, 100), seen))):
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return directory
 
