@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 HERE=examples/smollm2-135m
 MODEL=$(python -m mlx_dpo.smollm2)                  # ~/.cache/mlx-dpo/SmolLM2-135M-Instruct, built once
-python -m mlx_dpo.smollm2 data data/arithmetic       # train: operands 2-49; valid: operands 50-99
+python -m mlx_dpo.smollm2 data data/arithmetic       # train: operands 2-49; valid: operands 50-99, products unseen in train
 
 mlx-dpo precompute --config $HERE/precompute.yaml --model "$MODEL"
 echo "--- greedy answers before DPO"
