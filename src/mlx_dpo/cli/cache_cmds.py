@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..pipeline.remote import local_cache
 
 
@@ -39,7 +39,7 @@ def verify(cache_dir, quick):
     manifest = read_cache_manifest(cache_dir)
     problems = check_cache(Path(cache_dir), manifest, full=not quick)
     for problem in problems:
-        click.echo(problem, err=True)
+        click.echo(one_line(problem), err=True)  # pyarrow's messages may span lines
     if problems:
         raise UserError(f"{cache_dir}: {len(problems)} problem(s); rebuild it with `mlx-dpo precompute --overwrite`")
     shards = sum(len(s.shards) for s in manifest.splits.values())

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..schemas import read_manifest
 from ..trainer.pair_log import EVAL_PAIRS
 from ..trainer.samples import SAMPLES
@@ -46,7 +46,7 @@ class Texts:
                     for row in table.filter(pc.is_in(table["index"], value_set=values)).to_pylist():
                         self.rows[(cache, row["index"])] = row
             except (OSError, ValueError, KeyError, TypeError) as error:
-                self.problem = f"cache {cache} unreadable ({error})"
+                self.problem = one_line(f"cache {cache} unreadable ({error})")
                 return
         try:
             from transformers import AutoTokenizer  # the tokenizer mlx-lm loads for this model
