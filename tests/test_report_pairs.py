@@ -154,3 +154,40 @@ def test_missing_files_are_one_line_errors(run_dir):
 def test_shorten():
     assert shorten("a\n b   c", 20) == "a ⏎ b c"
     assert shorten("abcdefghij", 5) == "abcd…"
+
+
+STALE_ARGS = ["--iters", 2, "--batch-size", 3, "--learning-rate", 1e-2, "--steps-per-report", 1, "--steps-per-eval", 2,
+              "--steps-per-save", 2, "--eval-generate", 2, "--eval-max-tokens", 4]
+
+
+def _text_lines(output: str) -> list[str]:
+    return [line.strip() for line in output.splitlines() if line.strip().startswith(("prompt", "chosen", "rejected"))]
+
+
+def test_a_cache_rebuilt_in_place_is_not_decoded_and_both_identities_are_named(tiny_model_dir, tmp_path):
+    """The run's cache path rebuilt (`precompute --overwrite`, held-out rows reversed): its `index`
+    values now point at other pairs, so report shows the numbers and one line naming the cache, its
+    identity now and the one config.yaml recorded, instead of other pairs' text."""
+    run = tiny_models.run_cli
+    rows = tiny_models.standard_rows()
+    tiny_models.write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    tiny_models.write_jsonl(tmp_path / "data" / "valid.jsonl", rows[3:9])
+    cache = tmp_path / "caches" / "main"
+    run("precompute", "--model", tiny_model_dir, "--data", tmp_path / "data", "--out", cache)
+    run("train", "--cache", cache, "--model", tiny_model_dir, "--output", tmp_path / "run", *STALE_ARGS)
+    trained_on = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["cache_identity"]
+    before = run("report", tmp_path / "run", "--pairs", "--top", 2).output
+    assert _text_lines(before) and "not shown" not in before
+
+    tiny_models.write_jsonl(tmp_path / "data" / "valid.jsonl", rows[3:9][::-1])
+    run("precompute", "--model", tiny_model_dir, "--data", tmp_path / "data", "--out", cache, "--overwrite")
+    now = json.loads((cache / "manifest.json").read_text())["identity"]
+    assert now != trained_on
+    after = run("report", tmp_path / "run", "--pairs", "--top", 2).output
+    samples = run("report", tmp_path / "run", "--samples").output
+    assert [line for line in before.splitlines() if "index" in line] == \
+        [line for line in after.splitlines() if "index" in line]  # the run's numbers did not change
+    for output in (after, samples):
+        assert not [t for t in _text_lines(output) if not t.startswith("prompt")], output  # no other pair's answers
+        note = [line for line in output.splitlines() if "not shown" in line]
+        assert len(note) == 1 and str(cache) in note[0] and now in note[0] and trained_on in note[0], output

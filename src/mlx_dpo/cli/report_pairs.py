@@ -24,6 +24,14 @@ def shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def recorded_identities(config: dict) -> dict[str, str]:
+    """Cache path -> the identity the run recorded for it in config.yaml (one cache or a list of them)."""
+    caches, identities = config.get("cache"), config.get("cache_identity")
+    if isinstance(caches, list) and isinstance(identities, list):
+        return {str(c): i for c, i in zip(caches, identities)}
+    return {str(caches): identities} if isinstance(identities, str) else {}
+
+
 class Texts:
     """Decoded prompt/chosen/rejected of valid-split rows, by cache index (and, for a run on several
     caches, by cache: `caches` gives each index's); every method returns None (with `problem` saying
@@ -33,12 +41,18 @@ class Texts:
         self.problem, self.rows, self.tokenizer = None, {}, None
         cache, model = run.config.get("cache"), run.config.get("model")
         self.default = cache[0] if isinstance(cache, list) and cache else cache  # several: a list
+        recorded = recorded_identities(run.config)
         wanted: dict[str, set[int]] = {}
         for position, index in enumerate(indices):
             wanted.setdefault((None if caches is None else caches[position]) or self.default, set()).add(int(index))
         for cache, indices_in in wanted.items():
             try:
                 manifest = read_manifest(Path(cache))
+                if recorded.get(str(cache)) not in (None, manifest.identity):  # rebuilt since: other pairs
+                    self.problem = (f"cache {cache} is now identity {manifest.identity}, the run trained on "
+                                    f"{recorded[str(cache)]}")
+                    self.rows = {}
+                    return
                 shards = [Path(cache) / s.path for s in manifest.splits["valid"].shards]
                 values = pa.array(sorted(indices_in), pa.int64())
                 for shard in shards:
