@@ -46,11 +46,10 @@ from .write import shard_identity, write_shard
 
 def _check_existing(out: Path, identity: str, fields: dict, overwrite: bool, staging: bool) -> Manifest | None:
     """The manifest if `out` already holds this exact cache, whole; refuse any other cache, or with
-    `overwrite` clear the cache's own files (whatever cache they hold) so it is rebuilt. A `staging`
-    directory (remote.py) holds at most a copy of the remote manifest, and partial shards of other
-    inputs are cleared rather than refused."""
+    `overwrite` rebuild it (its files are cleared by _build only after its rows were read for reuse).
+    A `staging` directory (remote.py) holds at most a copy of the remote manifest, and partial shards
+    of other inputs are cleared rather than refused."""
     if overwrite:
-        clear_layout(out)
         return None
     if (out / MANIFEST_NAME).is_file():
         try:
@@ -182,8 +181,8 @@ def _build(run: _Run, input_splits: dict, staging: bool, workers: int, worker: i
         if (existing := _check_existing(out, identity, run.fields, cfg.overwrite, staging)) is None:
             for tmp in temp_files(out):  # of a writer that died: we hold the lock, no one else writes
                 tmp.unlink(missing_ok=True)
-    barrier(group)  # rank 0 has checked (and, with --overwrite, cleared) the directory
-    if existing is None and group is not None and (out / MANIFEST_NAME).is_file():
+    barrier(group)  # rank 0 has checked the directory
+    if existing is None and not cfg.overwrite and group is not None and (out / MANIFEST_NAME).is_file():
         existing = read_manifest(out)  # rank 0 kept it, so it is this very cache
     if existing is not None:
         run.log(f"Reusing cache {out} (identity {identity[:12]}): same model, dtype, tokenizer, data and options; "
@@ -198,12 +197,16 @@ def _build(run: _Run, input_splits: dict, staging: bool, workers: int, worker: i
         _check_strict(encoded, positions, cfg.data)
     rows_in = {name: len(rows) for name, rows in encoded.items()}
     tasks = plan(rows_in, cfg.rows_per_shard)
+    started = time.perf_counter()
+    # Before --overwrite clears `out`: its old cache is a source too (its values are now in `encoded`).
+    reused = _reuse(run, encoded, rejected_per_prompt, staging, worker == 0)
+    barrier(group)  # every rank has read what it reuses
     if worker == 0 or group is None:
+        if cfg.overwrite:
+            clear_layout(out)
         remove_unplanned(out, tasks)
     barrier(group)
     mine = owned(tasks, workers, worker)
-    started = time.perf_counter()
-    reused = _reuse(run, encoded, rejected_per_prompt, staging, worker == 0)
     _compute(run, mine, encoded, positions, rejected_per_prompt, worker == 0)
 
     base = dict(identity=identity, identity_fields=run.fields, reference_model=cfg.model, max_length=cfg.max_length,
@@ -230,6 +233,8 @@ def _reuse(run: _Run, encoded: dict, rejected_per_prompt: int, staging: bool, sh
         return {}
     log = run.log if show else (lambda line: None)
     sources = source_caches(run.out, run.cfg.reuse_from, scan_parent=not staging, log=log)
+    if run.cfg.overwrite and not staging and (run.out / MANIFEST_NAME).is_file():
+        sources.insert(0, (str(run.out), run.out))  # the cache being rebuilt: read (and verified) before it is cleared
     return fill_from(sources, run.fields, encoded, rejected_per_prompt, log)
 
 
