@@ -140,3 +140,21 @@ def test_a_cache_given_twice_is_refused(tmp_path):
                  "--output", tmp_path / "run")
     assert result.exit_code == 1 and result.output.strip() == (
         f"Error: --cache {tmp_path / 'a'} is given twice; to draw more of it, use --cache-weights")
+
+
+@pytest.mark.parametrize("second", ["./a/", "link", "{tmp}/a"])
+def test_the_same_cache_under_another_spelling_is_refused_like_a_repeated_one(tmp_path, monkeypatch, second):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    second = second.format(tmp=tmp_path)
+    result = run("train", "--cache", "a", "--cache", second, "--model", tmp_path / "m", "--output", tmp_path / "run")
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"Error: --cache {second} is given twice (the same cache as --cache a); to draw more of it, use --cache-weights")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_same_remote_cache_with_a_trailing_slash_is_refused():
+    from mlx_dpo.trainer.config import same_cache
+
+    assert same_cache("s3://bucket/caches/a/") == same_cache("s3://bucket/caches/a") != same_cache("s3://bucket/caches/b")

@@ -1,5 +1,6 @@
 """TrainConfig: every option of `mlx-dpo train`, validated. Imports no mlx."""
 
+import os
 from dataclasses import dataclass, field
 
 from ..adapters import DEFAULTS, resolve_options
@@ -8,6 +9,16 @@ from .mixture import parse_cache_weights
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 LR_SCHEDULES = ("cosine", "constant")
+
+
+def same_cache(location: str) -> str:
+    """One spelling per cache: a local path resolved (`a`, `./a/` and a symlink to it are one), a URL
+    without trailing slashes."""
+    from ..pipeline.remote import is_remote
+
+    return str(location).rstrip("/") if is_remote(location) else os.path.realpath(location)
+
+
 # Names of mlx_dpo.losses.LOSSES (a test keeps the two equal; this module must not import mlx).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "sft")
@@ -74,9 +85,12 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.cache, str):  # one cache given in code or an older config.yaml
             object.__setattr__(self, "cache", (self.cache,))
-        repeated = sorted({c for c in self.cache if self.cache.count(c) > 1})
-        if repeated:
-            raise UserError(f"--cache {repeated[0]} is given twice; to draw more of it, use --cache-weights")
+        seen: dict[str, str] = {}
+        for cache in self.cache:
+            if (first := seen.get(key := same_cache(cache))) is not None:
+                also = "" if first == cache else f" (the same cache as --cache {first})"
+                raise UserError(f"--cache {cache} is given twice{also}; to draw more of it, use --cache-weights")
+            seen[key] = cache
         self.mixture_weights  # noqa: B018  (raises UserError on bad --cache-weights)
         given = {name: getattr(self, name) for name in DEFAULTS}
         for name, value in resolve_options(given, self.adapter_path).items():
