@@ -123,7 +123,7 @@ def _tiny_training(tiny_model_dir, cache, bad_index: int, iters: int, skips: lis
     snapshots = [dict(tree_flatten(model.trainable_parameters()))]
     train(model, optim.AdamW(learning_rate=1e-2), batches(), make_loss_fn(cfg.loss_options()), iters=iters,
           on_skip=lambda step, info: skips.append((step, info)),
-          on_save=lambda step: snapshots.append({k: mx.array(v) for k, v in tree_flatten(model.trainable_parameters())}),
+          on_save=lambda step, cache_pairs: snapshots.append({k: mx.array(v) for k, v in tree_flatten(model.trainable_parameters())}),
           steps_per_save=1)
     return snapshots
 

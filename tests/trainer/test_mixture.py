@@ -95,6 +95,21 @@ def test_stopped_then_resumed_equals_uninterrupted(setup):
     assert swapped.exit_code == 1 and "cannot resume with other options (cache: run" in swapped.output
 
 
+def test_pairs_per_cache_stay_exact_when_resuming_off_a_report_step(setup):
+    """Reports every 4 steps, stopped (and saved) at step 3: the checkpoint holds the pairs per cache of
+    steps 2-3 not yet reported, so the resumed step-4 line counts steps 2-4 as an uninterrupted run does."""
+    root, model, _ = setup
+    every4 = ("--steps-per-report", 4)
+    assert train(root, model, "whole-4", *every4).exit_code == 0
+    assert train(root, model, "off-report", *every4, "--stop-after", 3).exit_code == 0
+    resumed = train(root, model, "off-report", *every4, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    whole, ours = ([r["pairs_per_cache"] for r in metrics(root / d) if r["split"] == "train"]
+                   for d in ("whole-4", "off-report"))
+    assert len(whole) == 3 and ours == whole  # steps 1, 4 and 7
+    assert sum(sum(counts.values()) for counts in ours) == 7 * 4
+
+
 @pytest.fixture(scope="module")
 def other_caches(setup, tmp_path_factory):
     """The same data precomputed with another max_length, and with another reference model."""

@@ -101,18 +101,21 @@ class Checkpoint:
     step: int
     cursor: Cursor
     rng_key: list[int]  # mx.random's key, two uint32
+    cache_pairs: list[int] | None = None  # several caches: pairs per cache trained since the last report
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, cursor: Cursor) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, cursor: Cursor,
+                    cache_pairs: list[int] | None = None) -> Path:
     """RUN/checkpoints/NNNNNNN/: trainable weights, optimizer state (moments, step, learning rate),
-    RNG key and stream cursor. Built in a temp directory and renamed, so a checkpoint directory is
+    RNG key, stream cursor and, with several caches, the pairs per cache not yet reported. Built in a temp directory and renamed, so a checkpoint directory is
     always whole; older checkpoints are removed after."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"{step:07d}"
     with atomic_dir(final) as tmp:  # fsynced files and folders: a saved checkpoint survives a power cut
         mx.save_safetensors(str(tmp / ADAPTERS), dict(tree_flatten(model.trainable_parameters())))
         mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
-        state = {"step": step, "epoch": cursor.epoch, "batches": cursor.batches, "rng_key": mx.random.state[0].tolist()}
+        state = {"step": step, "epoch": cursor.epoch, "batches": cursor.batches, "rng_key": mx.random.state[0].tolist(),
+                 "cache_pairs": cache_pairs}
         (tmp / STATE).write_text(json.dumps(state) + "\n")
     for old in root.iterdir():
         if old != final:
@@ -128,7 +131,8 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
         return None
     try:
         state = json.loads((steps[-1] / STATE).read_text())
-        return Checkpoint(steps[-1], state["step"], Cursor(state["epoch"], state["batches"]), state["rng_key"])
+        return Checkpoint(steps[-1], state["step"], Cursor(state["epoch"], state["batches"]), state["rng_key"],
+                          state.get("cache_pairs"))  # absent before it was stored: counting restarts
     except (ValueError, KeyError) as error:
         raise UserError(f"{steps[-1] / STATE}: unreadable checkpoint state ({error})") from error
 

@@ -226,10 +226,10 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
         run_eval(0)  # the policy is still the reference here: loss ln 2, margins 0
     batches = TrackedBatches(train_stream, checkpoint.cursor if checkpoint is not None else Cursor())
 
-    def save(step: int) -> None:
+    def save(step: int, cache_pairs: list[int] | None) -> None:
         if main:
             save_adapters(model, run_dir, step)
-            save_checkpoint(run_dir, step, model, optimizer, batches.cursor)
+            save_checkpoint(run_dir, step, model, optimizer, batches.cursor, cache_pairs)
 
     train(
         model, optimizer, batches, loss_fn, iters=cfg.iters, start_step=checkpoint.step if checkpoint else 0,
@@ -237,6 +237,7 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
         steps_per_report=cfg.steps_per_report, steps_per_eval=cfg.steps_per_eval, steps_per_save=cfg.steps_per_save,
         on_report=lambda step, metrics: report(step, "train", metrics),
         on_eval=run_eval if eval_stream is not None else None, on_save=save, group=group,
+        cache_pairs=checkpoint.cache_pairs if checkpoint else None,
     )
     if stop_after is not None and stop_after < cfg.iters:
         log(f"Stopped after step {stop_after} of {cfg.iters} as asked; continue with the same options and --resume")

@@ -137,9 +137,10 @@ def train(
     steps_per_save: int = 100,
     on_report: Callable[[int, dict], None] = lambda step, metrics: None,
     on_eval: Callable[[int], None] | None = None,
-    on_save: Callable[[int], None] = lambda step: None,
+    on_save: Callable[[int, list[int] | None], None] = lambda step, cache_pairs: None,
     on_skip: Callable[[int, dict], None] = lambda step, info: None,
     group=None,
+    cache_pairs: list[int] | None = None,
 ) -> None:
     """Run optimizer steps `start_step+1 .. iters`, or `.. stop_after` as if interrupted there (the
     schedule is the optimizer's and still spans `iters`). Each item of `batches` is this rank's
@@ -149,7 +150,8 @@ def train(
     MAX_SKIPPED_IN_A_ROW in a row raise UserError. Step 1 is always reported: at step 1 the policy is
     still the reference, so its loss is ln 2 and its margins 0, a check that both stages score tokens
     the same way. With several caches (batches carrying pairs_per_cache) each report adds
-    `pairs_per_cache`: the pairs of the applied steps since the last report, per cache, in cache order;
+    `pairs_per_cache`: the pairs of the applied steps since the last report, per cache, in cache order
+    (`on_save` gets those not yet reported, and a resumed run passes them back as `cache_pairs`);
     a skipped step's info adds `caches`: the cache number of each of its `indices`."""
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
@@ -178,7 +180,8 @@ def train(
     model.train()
     # ---- running sums for the next report ----
     sums, ntoks, grad_norms, steps, seconds, skipped = mx.zeros(len(METRIC_NAMES)), 0, 0.0, 0, 0.0, 0
-    cache_pairs = None  # with several caches: pairs trained from each since the last report
+    # with several caches: pairs trained from each since the last report (a resume: since the one before it)
+    cache_pairs = None if cache_pairs is None else np.array(cache_pairs, dtype=np.float64)
     learning_rate = math.nan
     last = iters if stop_after is None else min(iters, stop_after)
     for step in range(start_step + 1, last + 1):
@@ -236,4 +239,4 @@ def train(
             on_eval(step)
             model.train()
         if step % steps_per_save == 0 or step == last:
-            on_save(step)
+            on_save(step, None if cache_pairs is None else [int(n) for n in cache_pairs])
