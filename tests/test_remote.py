@@ -219,3 +219,29 @@ def test_precompute_reuses_rows_of_a_remote_cache(s3, uploaded, tiny_model_dir, 
                  "--rows-per-shard", 8, "--reuse-from", CACHE_URL)
     assert result.exit_code == 0, result.output
     assert f"train: 13 rows: 12 reused from {CACHE_URL}, 1 computed" in result.output
+
+
+def _damaged_copy(fs) -> str:
+    url = copy_cache(fs, "damaged-source")
+    shard = f"{BUCKET}/caches/damaged-source/train/part-00001.parquet"
+    with fs.open_input_stream(shard) as stream:
+        data = stream.read()
+    with fs.open_output_stream(shard) as stream:
+        stream.write(bytes(255 - b for b in data))  # same size: only the sha256 tells
+    return url
+
+
+@pytest.mark.parametrize("source, reason", [("missing", "not a complete mlx-dpo cache"), ("damaged", "sha256 differs")])
+def test_a_missing_or_damaged_remote_reuse_source_is_named_and_not_used(s3, uploaded, tiny_model_dir, standard_data,
+                                                                         tmp_path, source, reason):
+    """Like a local --reuse-from without a cache: the s3:// source is named with its problem and precompute
+    goes on, computing the rows it would have given."""
+    url = f"s3://{BUCKET}/caches/nothing" if source == "missing" else _damaged_copy(s3)
+    forget_local()
+    result = tiny_models.invoke_cli("precompute", "--model", tiny_model_dir, "--data", standard_data,
+                                    "--out", tmp_path / "b" / "c", "--reuse-from", url)
+    assert result.exit_code == 0, result.output
+    line = [x for x in result.output.splitlines() if x.startswith(f"{url}: not reused: ")]
+    assert len(line) == 1 and reason in line[0], result.output
+    assert "reused from" not in result.output and (tmp_path / "b" / "c" / "manifest.json").is_file()
+    assert tiny_models.invoke_cli("cache", "verify", tmp_path / "b" / "c").exit_code == 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from ..errors import UserError
 from ..schemas import describe_difference, read_manifest
 from ..schemas.identity import reference_fields
 from ..schemas.manifest import inside
@@ -72,7 +73,12 @@ def source_caches(out: Path, reuse_from: tuple[str, ...], scan_parent: bool, log
         found += [(str(path), path) for path, problem in find_caches(out.parent)
                   if problem is None and path.resolve() != own]
     for location in reuse_from:
-        path = Path(local_cache(location, log)) if is_remote(location) else Path(location)
+        try:  # a remote source is fetched and checked first: one missing or damaged costs only its rows
+            path = Path(local_cache(location, log)) if is_remote(location) else Path(location)
+        except (UserError, OSError) as error:
+            problem = str(error).removeprefix(f"{location}: ").removeprefix(f"{location.rstrip('/')}: ")
+            log(f"{location}: not reused: {problem}")
+            continue
         if not (path / "manifest.json").is_file():
             log(f"{location}: not reused: not a complete mlx-dpo cache (no manifest.json)")
             continue
