@@ -191,3 +191,49 @@ def test_a_cache_rebuilt_in_place_is_not_decoded_and_both_identities_are_named(t
         assert not [t for t in _text_lines(output) if not t.startswith("prompt")], output  # no other pair's answers
         note = [line for line in output.splitlines() if "not shown" in line]
         assert len(note) == 1 and str(cache) in note[0] and now in note[0] and trained_on in note[0], output
+
+
+@pytest.fixture
+def bare_run(tmp_path):
+    run = tmp_path / "bare-run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"cache": str(tmp_path / "no-cache"), "model": "m", "beta": 0.1}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "split": "eval", "loss": 0.69}) + "\n")
+    return run
+
+
+def _console_report(*args):
+    """The console command as a user runs it (its one-line error handler is in mlx_dpo.cli.main)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mlx_dpo", "report", *map(str, args)], capture_output=True, text=True)
+
+
+def _one_line_naming(result, *parts):
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    return result.returncode != 0 and len(lines) == 1 and all(p in lines[0] for p in parts)
+
+
+GOOD_SAMPLE = json.dumps({"step": 0, "index": 1, "prompt": "x", "completion": "y", "finish_reason": "stop"})
+
+
+@pytest.mark.parametrize("text, parts", [
+    (GOOD_SAMPLE + "\n\n" + '{"step": 2, "ind', ("samples.jsonl:3: not a JSON line",)),  # a cut last line
+    (GOOD_SAMPLE + "\n" + json.dumps({"step": 2, "index": 1, "prompt": "x"}), ("samples.jsonl:2: no field completion",)),
+])
+def test_a_damaged_samples_line_is_named_by_file_and_line(bare_run, text, parts):
+    (bare_run / "samples.jsonl").write_text(text)
+    result = _console_report(bare_run, "--samples")
+    assert _one_line_naming(result, *parts), result.stdout + result.stderr
+
+
+def test_an_eval_pairs_file_without_a_column_or_not_parquet_is_named(bare_run):
+    table = pa.table({"step": [0], "index": [0], "k": pa.array([0], pa.int32()),
+                      "ref_margin": pa.array([1.0], pa.float32()), "policy_margin": pa.array([1.0], pa.float32())})
+    pq.write_table(table, bare_run / "eval_pairs.parquet")
+    result = _console_report(bare_run, "--pairs")
+    assert _one_line_naming(result, "eval_pairs.parquet: no column reward_margin"), result.stdout + result.stderr
+    (bare_run / "eval_pairs.parquet").write_bytes(b"PAR1 cut short")
+    result = _console_report(bare_run, "--pairs")
+    assert _one_line_naming(result, "eval_pairs.parquet: not a readable parquet file"), result.stdout + result.stderr

@@ -18,6 +18,10 @@ from ..trainer.samples import SAMPLES
 from .report import Run
 
 
+PAIR_COLUMNS = ("step", "index", "k", "ref_margin", "policy_margin", "reward_margin")  # what the report reads
+SAMPLE_FIELDS = ("step", "index", "prompt", "completion")
+
+
 def shorten(text: str, width: int) -> str:
     """One line of at most `width` characters: whitespace runs collapsed, newlines shown as ⏎."""
     text = " ".join(text.replace("\n", " ⏎ ").split())
@@ -88,7 +92,13 @@ def read_pairs(run: Run) -> pa.Table:
     if not path.is_file():
         raise UserError(f"{run.path}: no {EVAL_PAIRS} (written by `mlx-dpo train` at each evaluation; "
                         "the run needs a cache with a valid split)")
-    return pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as error:
+        raise UserError(f"{path}: not a readable parquet file ({' '.join(str(error).split())})") from error
+    if missing := [c for c in PAIR_COLUMNS if c not in table.column_names]:
+        raise UserError(f"{path}: no column {', '.join(missing)} (written by `mlx-dpo train`: {', '.join(PAIR_COLUMNS)})")
+    return table
 
 
 def last_evaluation(table: pa.Table) -> dict[str, np.ndarray]:
@@ -176,7 +186,19 @@ def read_samples(run: Run) -> list[dict]:
     path = run.path / SAMPLES
     if not path.is_file():
         raise UserError(f"{run.path}: no {SAMPLES} (train with --eval-generate N to write the policy's answers)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    samples = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            sample = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{number}: not a JSON line ({error})") from error
+        if not isinstance(sample, dict) or (missing := [k for k in SAMPLE_FIELDS if k not in sample]):
+            what = ", ".join(missing) if isinstance(sample, dict) else "any (not an object)"
+            raise UserError(f"{path}:{number}: no field {what} (each line has {', '.join(SAMPLE_FIELDS)})")
+        samples.append(sample)
+    return samples
 
 
 def _side_by_side(left_title, left, right_title, right, width, max_lines: int = 4) -> list[str]:
