@@ -4,10 +4,13 @@ Stated (issue 14 item 1): the reused cache's values "equal a fresh precompute wi
 (test: <= 1e-5 per row)". The README's demo: the demo data plus 100 new pairs from the demo's
 generator, precomputed with reuse from the demo cache, vs the same precompute with --no-reuse.
 
-What happens: 10 of the 1,700 train rows differ by 1.52587890625e-05 (2 units in the last place of a
-sum near -70) in ref_chosen_logps / ref_rejected_logps: above the issue's 1e-5. The README documents
-"up to 2 units in the last place (1.5e-5 on the demo's sums)", and tests/pipeline/test_reuse.py checks
-max(1e-5, 2 ulp), not the issue's bound. Either the bound in the issue is relaxed or reuse must match.
+Asked bound (replacing the issue's 1e-5, below float32's resolution for these sums): at most 1 float32
+unit in the last place of the stored value (numpy.spacing). Measured (2026-11-30, this test): train split,
+1,700 rows: ref_chosen_logps / ref_rejected_logps differ in 381 / 397 rows, by up to 1.52587890625e-05 =
+2^-16 (2 ulp of a sum near -70) and up to 3 ulp relative to the value, 61 / 62 rows above 1 ulp; the tails
+up to 3 ulp (22 / 29 rows above 1). The valid split (160 rows, the same file, so the same batches in both
+runs) is bit-identical. So the difference is the fresh run's other batching (padding, grouping), and the
+1-ulp bound does NOT hold: this test fails until precompute's values are independent of batching.
 """
 
 import json
@@ -26,7 +29,7 @@ def values(cache, split):
     return table.set_index("index").sort_index()
 
 
-def test_reused_values_are_within_1e_5_of_a_fresh_precompute_on_the_demo(tmp_path):
+def test_reused_values_are_within_1_ulp_of_a_fresh_precompute_on_the_demo(tmp_path):
     from mlx_dpo.demo import TRAIN_CITIES, TRAIN_PROMPTS, build_demo, make_rows
 
     build_demo(tmp_path / ".demo")
@@ -48,6 +51,10 @@ def test_reused_values_are_within_1e_5_of_a_fresh_precompute_on_the_demo(tmp_pat
         ours, fresh = values(tmp_path / "caches" / "more", split), values(tmp_path / "fresh" / "more", split)
         assert list(ours.index) == list(fresh.index)
         for column in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tail_logps", "ref_rejected_tail_logps"):
-            diff = np.abs(ours[column].to_numpy(np.float64) - fresh[column].to_numpy(np.float64))
-            worst[f"{split} {column}"] = (float(diff.max()), int((diff > 1e-5).sum()))
-    assert all(d <= 1e-5 for d, _ in worst.values()), worst
+            stored = fresh[column].to_numpy(np.float32)
+            diff = np.abs(ours[column].to_numpy(np.float64) - stored.astype(np.float64))
+            ulp = np.spacing(np.abs(stored)).astype(np.float64)  # one float32 unit in the last place of each value
+            worst[f"{split} {column}"] = (float(diff.max()), float((diff / ulp).max()), int((diff > 0).sum()),
+                                          int((diff > ulp).sum()))
+    print("worst (diff, ulps, rows differing, rows > 1 ulp):", worst)
+    assert all(rows_over == 0 for *_, rows_over in worst.values()), worst
