@@ -17,7 +17,6 @@ from ..trainer.pair_log import EVAL_PAIRS
 from ..trainer.samples import SAMPLES
 from .report import Run
 
-
 PAIR_COLUMNS = ("step", "index", "k", "ref_margin", "policy_margin", "reward_margin")  # what the report reads
 SAMPLE_FIELDS = ("step", "index", "prompt", "completion")
 
