@@ -12,8 +12,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .packing import SCORE_MULTIPLE, SegmentMask
+from .packing import SegmentMask
 from .schemas.sequence import rejected_id_lists, truncate_sequence
+from .shapes import SCORE_MULTIPLE, ladder_ceil
 
 # Bytes of float32 logits one chunk of positions may hold: the log-prob memory above the body.
 LOGITS_CHUNK_BYTES = 256 * 2**20
@@ -32,11 +33,14 @@ def collate_pairs(
     truncation_mode: str,
     pad_id: int,
     pad_to_multiple: int = 8,
+    pad_ratio: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stack prompt+chosen rows, then prompt+rejected rows, right-padded.
 
     Returns `input_ids` and `completion_mask`, both int32 of shape ((1+K)B, T): rows 0..B-1 are
-    the chosen sequences, then B rows per rejected answer k (TRL's layout at K = 1). Example, one
+    the chosen sequences, then B rows per rejected answer k (TRL's layout at K = 1). T is the longest
+    sequence rounded up to shapes.ladder_ceil(., pad_to_multiple, pad_ratio), but never past
+    `max_length` (no sequence is longer after truncation). Example, one
     row with prompt [5, 6], chosen [7], rejected [8, 9], pad 0, pad_to_multiple 1:
         input_ids       [[5, 6, 7, 0], [5, 6, 8, 9]]
         completion_mask [[0, 0, 1, 0], [0, 0, 1, 1]]
@@ -49,8 +53,10 @@ def collate_pairs(
         for block in completions
         for row, completion in zip(rows, block)
     ]
-    width = max(len(ids) for ids, _ in sequences)
-    width = -(-width // pad_to_multiple) * pad_to_multiple
+    longest = max(len(ids) for ids, _ in sequences)
+    width = ladder_ceil(longest, pad_to_multiple, pad_ratio)
+    if max_length is not None and longest <= max_length:
+        width = min(width, max_length)
     input_ids = np.full((len(sequences), width), pad_id, dtype=np.int32)
     completion_mask = np.zeros((len(sequences), width), dtype=np.int32)
     for i, (ids, mask) in enumerate(sequences):
@@ -85,18 +91,20 @@ def _logsumexp(x: mx.array) -> mx.array:
     return mx.logsumexp(mx.concatenate(parts, axis=-1), axis=-1)
 
 
-def score_plan(completion_mask, multiple: int = SCORE_MULTIPLE) -> np.ndarray:
+def score_plan(completion_mask, multiple: int = SCORE_MULTIPLE, ratio: float = 1.0) -> np.ndarray:
     """Where the scored tokens are, computed on the host from a (N, T) completion mask.
 
     Token t is predicted from position t-1, so the scored positions are the set entries of
-    mask[:, 1:]. Returns int32 (4, M), M rounded up to `multiple` (the extra columns have weight 0),
+    mask[:, 1:]. Returns int32 (4, M), M the count rounded up to shapes.ladder_ceil(., multiple,
+    ratio) but at most N x (T-1) (the extra columns have weight 0),
     rows: index into the flattened (N, T-1) positions, sequence (its row), weight (1 or 0),
     rank (1, 2, ... along each row's scored tokens; for LD-DPO's tail).
     """
     mask = np.asarray(completion_mask)[:, 1:] != 0
     rows, cols = np.nonzero(mask)
-    count = len(rows)
-    plan = np.zeros((4, max(-(-count // multiple) * multiple, multiple)), np.int32)
+    count, capacity = len(rows), mask.size
+    size = ladder_ceil(count, multiple, ratio)
+    plan = np.zeros((4, min(size, capacity) if capacity >= max(count, 1) else size), np.int32)
     plan[:, :count] = [rows * mask.shape[1] + cols, rows, np.ones(count), np.cumsum(mask, axis=1)[rows, cols]]
     return plan
 

@@ -11,8 +11,8 @@ PACKABLE_MODULES; others take padded batches.
 import mlx.core as mx
 import numpy as np
 
-# Scored positions are padded to a multiple of this, so a compiled step sees few distinct shapes.
-SCORE_MULTIPLE = 64
+from .shapes import SCORE_MULTIPLE
+
 # Checked by tests/trainer/test_packing.py: the mask comes from cache.make_mask, RoPE from cache.offset.
 PACKABLE_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
 

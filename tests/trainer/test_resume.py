@@ -12,7 +12,8 @@ import pytest
 
 import tiny_models
 
-TIMING = ("tokens_per_sec", "peak_memory_gb")
+# Not the run's but the process's: timing, and the shapes this process traced the compiled step for.
+TIMING = ("tokens_per_sec", "peak_memory_gb", "compiled_shapes")
 # 12 rows in global batches of 4 x 2 micro-batches: an epoch is a step of 8 pairs and one of 4, so
 # resume points fall mid-epoch; dropout makes every step draw from the RNG; warmup + cosine make the schedule matter.
 ARGS = ["--iters", 7, "--batch-size", 4, "--grad-accumulation-steps", 2, "--learning-rate", 1e-2,

@@ -10,6 +10,9 @@ from mlx_dpo.pipeline.write import write_shard
 from mlx_dpo.schemas import ref_logps_schema
 from mlx_dpo.trainer.stream import PairStream
 
+# The bound of test_few_compiled_shapes_per_run (the bench's padding task reports the same count).
+COMPILED_SHAPES = 16
+
 
 def _rows(start, n):
     # Row i: prompt [i], chosen i%3+1 tokens, rejected 1 token; ref logps encode the index.
@@ -114,23 +117,29 @@ def test_batches_change_between_epochs(tmp_path, rows, batch_size):
     assert identical <= 2 and np.mean(shared) <= 0.3, (identical, np.mean(shared))
 
 
-def test_padding_stays_low(tmp_path):
-    """Bench-like lengths (prompts ~N(64, 16) tokens, answers uniform 64..192; bench/tasks.py padding):
-    the shuffled epoch pads at most 1 point more than rows fully sorted by length (no shuffle), and
-    far less than random batches."""
+def _bench_lengths(tmp_path, n=2000):
+    """One shard of `n` rows of bench-like lengths (prompts ~N(64, 16) tokens, answers uniform 64..192;
+    bench/tasks.py padding)."""
     rng = np.random.default_rng(3)
     schema = ref_logps_schema("test")
     rows = []
-    for i in range(2000):
+    for i in range(n):
         p, c, r = int(np.clip(rng.normal(64, 16), 32, 96)) + 1, *(int(n) for n in rng.integers(65, 194, 2))
         rows.append({"index": i, "prompt_ids": [5] * p, "chosen_ids": [6] * c, "rejected_ids": [7] * r,
                      "ref_chosen_logps": -1.0, "ref_rejected_logps": -1.0, "n_chosen_tokens": c,
                      "n_rejected_tokens": r, "ref_chosen_tail_logps": 0.0, "ref_rejected_tail_logps": 0.0})
     table = pa.table({f.name: [row[f.name] for row in rows] for f in schema}, schema=schema)
     write_shard(table, tmp_path / "part-00000.parquet", tmp_path, row_group_rows=1024)
+    return tmp_path / "part-00000.parquet"
+
+
+def test_padding_stays_low(tmp_path):
+    """Bench-like lengths: the shuffled epoch pads at most 1 point more than rows fully sorted by length
+    (no shuffle), and far less than random batches."""
+    shard = _bench_lengths(tmp_path)
 
     def waste(**kw) -> float:
-        stream = _stream([tmp_path / "part-00000.parquet"], **{"batch_size": 4, "shuffle_buffer": 4096, **kw})
+        stream = _stream([shard], **{"batch_size": 4, "shuffle_buffer": 4096, **kw})
         ids = [b.input_ids for [b] in stream.epoch(0)]
         return 1 - sum(int((x != 0).sum()) for x in ids) / sum(x.size for x in ids)
 
@@ -146,3 +155,29 @@ def test_one_cache_keeps_its_order(shards):
     assert [b.indices.tolist() for [b] in _stream(shards).epoch(1)] == [[0, 2], [6, 1], [3, 5], [7, 4], [8, 9], [10, 11], [12]]
     steps = _stream(shards, micro_batches=2, shuffle_buffer=8).epoch(0)
     assert [[b.indices.tolist() for b in step] for step in steps] == [[[7, 0], [1, 5]], [[3, 2], [6, 4]], [[12, 8], [9, 11]], [[10], [10]]]
+
+
+def test_few_compiled_shapes_per_run(tmp_path):
+    """Bench-like lengths, 2,001 pairs in batches of 4 (the last one short), three epochs streamed as
+    `mlx-dpo train` streams them: the compiled step meets at most COMPILED_SHAPES distinct input shapes
+    (token arrays, plan), every micro-batch has the same rows, and each pair still trains once per
+    epoch. (Widths rounded to x32 and scored positions to x64, short batches as they came: 38 shapes.)"""
+    stream = PairStream([_bench_lengths(tmp_path, 2001)], batch_size=4, max_length=None, truncation_mode="keep_start",
+                        pad_id=0, seed=1, fixed_rows=True)
+    shapes = set()
+    for epoch in range(3):
+        batches = [b for step in stream.epoch(epoch) for b in step]
+        shapes |= {(b.input_ids.shape, b.plan.shape) for b in batches}
+        assert Counter(i for b in batches for i in b.real_indices()) == Counter(range(2001))
+    assert len({ids for ids, _ in shapes}) > 1 and len({rows for (rows, _), _ in shapes}) == 1
+    assert len(shapes) <= COMPILED_SHAPES, sorted(shapes)
+
+
+def test_short_batch_filled_with_weightless_copies(shards):
+    """13 rows in batches of 2, fixed rows: the last batch holds its one pair and a copy of it of weight 0
+    (its shortest pair: no wider than it was)."""
+    [last] = list(_stream(shards, shuffle=False, fixed_rows=True).epoch(0))[-1]
+    [alone] = list(_stream(shards, shuffle=False).epoch(0))[-1]
+    assert alone.weights.tolist() == [1.0] and last.weights.tolist() == [1.0, 0.0]
+    assert last.indices.tolist() == [alone.indices[0]] * 2 and last.input_ids.shape[1] == alone.input_ids.shape[1]
+    np.testing.assert_array_equal(last.counts(), alone.counts())

@@ -12,7 +12,7 @@ import tiny_models
 
 METRICS = {"step", "split", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
            "rewards/margins", "logps/chosen", "logps/rejected", "ntoks"}
-TRAIN_ONLY = {"tokens_per_sec", "peak_memory_gb", "learning_rate", "grad_norm"}
+TRAIN_ONLY = {"tokens_per_sec", "peak_memory_gb", "learning_rate", "grad_norm", "compiled_shapes"}
 
 
 run = tiny_models.invoke_cli
@@ -59,6 +59,10 @@ def test_lora_run_step0_invariant_and_outputs(setup):
         (1, "train"), (2, "train"), (2, "eval"), (3, "train"), (4, "train"), (4, "eval")]
     for r in records:
         assert METRICS <= set(r) and (TRAIN_ONLY <= set(r)) == (r["split"] == "train")
+    # the distinct input shapes the compiled step was traced for so far (bounded: test_stream.py)
+    shapes = [r["compiled_shapes"] for r in records if r["split"] == "train"]
+    assert shapes == sorted(shapes) and 1 <= shapes[-1] <= 4
+    assert f"Compiled step: {shapes[-1]} distinct input shapes (one trace each) in 4 steps" in result.output
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "0000002_adapters.safetensors", "0000004_adapters.safetensors", "adapter_config.json",
         "adapters.safetensors", "checkpoints", "config.yaml", "eval_pairs.parquet", "metrics.jsonl"]

@@ -109,6 +109,8 @@ def _split_stream(manifests: list, caches: list[str], split: str, cfg: TrainConf
         seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, with_tails=cfg.ld_alpha is not None,
         rank=group.rank(), ranks=group.size(), micro_batches=cfg.grad_accumulation_steps if train else 1,
         weights=cfg.mixture_weights,
+        # the compiled step sees one row count; not for losses that sort across the batch's pairs
+        fixed_rows=train and not set(cfg.loss_types) & set(BATCH_LOSSES),
     )
 
 
@@ -248,6 +250,8 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
         log(f"Held-out: loss {before['loss']:.4f} -> {after['loss']:.4f}, "
             f"rewards/margins {before['rewards/margins']:+.4f} -> {after['rewards/margins']:+.4f}, "
             f"rewards/accuracies {after['rewards/accuracies']:.3f} after training")
+    if (shapes := [r["compiled_shapes"] for r in records if r["split"] == "train"]):
+        log(f"Compiled step: {shapes[-1]} distinct input shapes (one trace each) in {cfg.iters - (checkpoint.step if checkpoint else 0)} steps")
     log(f"Saved adapters to {run_dir / 'adapters.safetensors'} "
         f"(use: mlx_lm.generate --model {cfg.model} --adapter-path {run_dir})")
     return records

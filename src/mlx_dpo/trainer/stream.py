@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..logps import collate_pairs, score_plan
 from ..schemas.sequence import pair_length
 from ..schemas.verify import first_non_finite
+from ..shapes import SCORE_MULTIPLE, SCORE_RATIO, WIDTH_MULTIPLE, WIDTH_RATIO
 from .mixture import epoch_quotas, mixed_rows, rows_in
 
 # The length-order jitter spans this many global batches: a row's neighbours change between epochs even
@@ -31,7 +32,7 @@ class Batch:
     ref_chosen_logps: np.ndarray  # (B,) float32
     ref_rejected_logps: np.ndarray  # (B,), or (B, K) with K rejected answers per prompt
     indices: np.ndarray  # (B,) input-row indices, for tracing a batch back to the data
-    weights: np.ndarray  # (B,) float32: 1, or 0 for a stand-in row of a rank left without rows
+    weights: np.ndarray  # (B,) float32: 1, or 0 for a stand-in row (a rank left without rows, a filler to batch_size)
     plan: np.ndarray  # (4, M) int32: where the scored tokens are (mlx_dpo.logps.score_plan)
     ref_chosen_tail_logps: np.ndarray | None = None  # (B,), with --ld-alpha
     ref_rejected_tail_logps: np.ndarray | None = None
@@ -98,10 +99,16 @@ class PairStream:
     `shards` is one cache's shard list, or a list of several caches' lists. Several caches shuffled
     read the seeded weighted interleave of mlx_dpo.trainer.mixture (`weights`: None for their sizes);
     unshuffled, the caches one after the other. Their batches say which cache each pair is from.
+
+    Shapes (what the compiled step traces once each, mlx_dpo.shapes): widths are rounded up to the
+    ladder of `pad_to_multiple` and `pad_ratio`, scored positions to that of `score_multiple` and
+    `score_ratio`; with `fixed_rows`, a micro-batch of fewer than `batch_size` pairs is filled up
+    with copies of its shortest pair of weight 0, so every micro-batch has the same number of rows.
     """
 
     def __init__(self, shards, *, batch_size, max_length, truncation_mode, pad_id,
-                 shuffle=True, seed=0, shuffle_buffer=4096, pad_to_multiple=32, with_tails=False,
+                 shuffle=True, seed=0, shuffle_buffer=4096, pad_to_multiple=WIDTH_MULTIPLE, pad_ratio=WIDTH_RATIO,
+                 score_multiple=SCORE_MULTIPLE, score_ratio=SCORE_RATIO, fixed_rows=False, with_tails=False,
                  rank=0, ranks=1, micro_batches=1, weights=None):
         self.several = len(shards) > 0 and isinstance(shards[0], (list, tuple))  # caches, even if one
         self.sources = [[Path(s) for s in cache] for cache in shards] if self.several else [[Path(s) for s in shards]]
@@ -109,10 +116,11 @@ class PairStream:
         if self.several:
             self.sizes = [rows_in(cache) for cache in self.sources]
             self.quotas = epoch_quotas(self.sizes, weights)
-        self.batch_size, self.micro_batches = batch_size, micro_batches
+        self.batch_size, self.micro_batches, self.fixed_rows = batch_size, micro_batches, fixed_rows
         self.global_size = batch_size * ranks * micro_batches
         self.collate = dict(max_length=max_length, truncation_mode=truncation_mode, pad_id=pad_id,
-                            pad_to_multiple=pad_to_multiple)
+                            pad_to_multiple=pad_to_multiple, pad_ratio=pad_ratio)
+        self.score = dict(multiple=score_multiple, ratio=score_ratio)
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, max(shuffle_buffer, self.global_size)
         self.columns = ROW_COLUMNS + (TAIL_COLUMNS if with_tails else [])
         # Data parallel: every rank forms the same global batches and keeps its shares of each, so
@@ -132,10 +140,11 @@ class PairStream:
 
     def local_batches(self, rows: list[dict]) -> list[Batch]:
         """This rank's micro-batches of one global batch. A share left empty (a global batch smaller
-        than micro-batches x ranks) holds a stand-in row of weight 0, so every rank runs every step."""
+        than micro-batches x ranks) holds a stand-in row of weight 0, so every rank runs every step;
+        with fixed_rows, every share is filled up to batch_size pairs that way."""
         shares = split_evenly(rows, self.micro_batches * self.ranks)
         mine = [shares[j * self.ranks + self.rank] for j in range(self.micro_batches)]
-        return [self.make_batch(share) if share else self.make_batch(rows[:1], weight=0.0) for share in mine]
+        return [self.make_batch(share, fill=self.batch_size if self.fixed_rows else 1, spare=rows) for share in mine]
 
     def _rows(self, epoch: int, rng) -> Iterator[dict]:
         if not self.several:
@@ -173,21 +182,26 @@ class PairStream:
                 raise ValueError("the cache split has no rows to train on")
             epoch += 1
 
-    def make_batch(self, rows: list[dict], weight: float = 1.0) -> Batch:
+    def make_batch(self, rows: list[dict], fill: int = 1, spare: list[dict] | None = None) -> Batch:
+        """The batch of `rows` (weight 1), filled up to `fill` pairs with copies of weight 0 of the
+        shortest of `rows` (or of `spare` when `rows` is empty): they change no sum, and add no width."""
+        stand_in = min(rows or spare, key=pair_length)
+        weights = [1.0] * len(rows) + [0.0] * max(fill - len(rows), 0)
+        rows = rows + [stand_in] * (len(weights) - len(rows))
         input_ids, completion_mask = collate_pairs(rows, **self.collate)
         mixture = {}
         if self.several:
             caches = np.array([r["cache"] for r in rows], dtype=np.int64)
             mixture = dict(caches=caches, pairs_per_cache=np.bincount(
-                caches, weights=np.full(len(rows), weight), minlength=len(self.sources)).astype(np.float64))
+                caches, weights=weights, minlength=len(self.sources)).astype(np.float64))
         return Batch(
             input_ids=input_ids,
             completion_mask=completion_mask,
-            plan=score_plan(completion_mask),
+            plan=score_plan(completion_mask, **self.score),
             ref_chosen_logps=np.array([r["ref_chosen_logps"] for r in rows], dtype=np.float32),
             ref_rejected_logps=np.array([r["ref_rejected_logps"] for r in rows], dtype=np.float32),
             indices=np.array([r["index"] for r in rows], dtype=np.int64),
-            weights=np.full(len(rows), weight, dtype=np.float32),
+            weights=np.array(weights, dtype=np.float32),
             **{name: np.array([r[name] for r in rows], dtype=np.float32) for name in TAIL_COLUMNS if name in rows[0]},
             **mixture,
         )

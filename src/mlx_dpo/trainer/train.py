@@ -152,7 +152,9 @@ def train(
     the same way. With several caches (batches carrying pairs_per_cache) each report adds
     `pairs_per_cache`: the pairs of the applied steps since the last report, per cache, in cache order
     (`on_save` gets those not yet reported, and a resumed run passes them back as `cache_pairs`);
-    a skipped step's info adds `caches`: the cache number of each of its `indices`."""
+    a skipped step's info adds `caches`: the cache number of each of its `indices`. Each report also
+    gives `compiled_shapes`: the distinct input shapes the compiled step has been traced for so far in
+    this process (mlx_dpo.shapes keeps them few)."""
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
@@ -178,6 +180,7 @@ def train(
         return optimizer.state["learning_rate"]  # the rate this update used
 
     model.train()
+    traced = set()  # input signatures of `accumulate`: mx.compile traces it once for each
     # ---- running sums for the next report ----
     sums, ntoks, grad_norms, steps, seconds, skipped = mx.zeros(len(METRIC_NAMES)), 0, 0.0, 0, 0.0, 0
     # with several caches: pairs trained from each since the last report (a resume: since the one before it)
@@ -195,7 +198,9 @@ def train(
         scale = 1.0 / mx.maximum(counts[:2], 1.0)
         grad, metrics, toks = None, mx.zeros(len(METRIC_NAMES)), mx.array(0.0)
         for batch in micro:
-            _, (batch_metrics, batch_toks), grad = accumulate(_arrays(batch, scale), grad)
+            arrays = _arrays(batch, scale)
+            traced.add((grad is None, *(a.shape for a in arrays)))
+            _, (batch_metrics, batch_toks), grad = accumulate(arrays, grad)
             metrics, toks = metrics + batch_metrics, toks + batch_toks
         grad, metrics, grad_norm = reduce(grad, mx.concatenate([metrics, toks[None]]))
         mx.eval(grad, metrics, grad_norm)
@@ -228,7 +233,7 @@ def train(
             report = named_metrics((sums / steps).tolist(), loss_fn.token_weight)
             report.update(
                 ntoks=int(ntoks), tokens_per_sec=ntoks / seconds, learning_rate=learning_rate.item(),
-                grad_norm=grad_norms / steps, peak_memory_gb=mx.get_peak_memory() / 1e9,
+                grad_norm=grad_norms / steps, peak_memory_gb=mx.get_peak_memory() / 1e9, compiled_shapes=len(traced),
             )
             if cache_pairs is not None:
                 report["pairs_per_cache"] = [int(n) for n in cache_pairs]
