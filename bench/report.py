@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+SMOLLM2_VOCAB = 49152
+HANDFUL = 5  # "a handful" of compiled shapes per run, as the target counts them
+
 
 def get(d, *keys):
     """d[k1][k2]...; None when a key is missing or the measurement failed."""
@@ -39,8 +42,14 @@ def targets(res: dict) -> list[dict]:
     out.append(_target("precompute model FLOP/s >= 50% of measured sgemm peak", _fmt(r, "{:.0%}"), r and r >= 0.5))
     r = _ratio(get(res, "precompute", "ours", "best_half_tokens_per_s"), get(res, "precompute", "trl", "best_half_tokens_per_s"))
     out.append(_target("precompute tokens/s >= 1.5x TRL's precompute", _fmt(r, "{:.2f}x"), r and r >= 1.5))
+    r = _ratio(get(res, "precompute_smollm2", "ours", "best_half_tokens_per_s"), get(res, "precompute_smollm2", "trl", "best_half_tokens_per_s"))
+    if "precompute_smollm2" in res:
+        out.append(_target("SmolLM2: precompute tokens/s >= 1.5x TRL's precompute", _fmt(r, "{:.2f}x"), r and r >= 1.5))
     sizes = {k: f"{v['vocab_size']:,}" for k, v in res["shapes"].items()}
-    for key, vocab, speed, memory in (("train", sizes["bench-125m"], 2.0, 0.6), ("train_vocab", sizes["bench-vocab"], 2.5, 0.4)):
+    models = [("train", sizes["bench-125m"], 2.0, 0.6), ("train_vocab", sizes["bench-vocab"], 2.5, 0.4)]
+    if "train_smollm2" in res:  # V = 49,152: held to the V = 32k targets
+        models.append(("train_smollm2", f"{SMOLLM2_VOCAB:,} (SmolLM2)", 2.0, 0.6))
+    for key, vocab, speed, memory in models:
         for ft in ("lora", "full"):
             t = get(res, key, ft) or {}
             cached, peer = get(t, "cached", "step_s"), get(t, "mlx_lm_lora", "step_s")
@@ -53,11 +62,11 @@ def targets(res: dict) -> list[dict]:
     for ft in ("lora", "full"):
         r = _ratio(get(res, "train", ft, "cached", "step_s"), get(res, "train", ft, "online", "step_s"))
         out.append(_target(f"{ft}: cached-reference step <= 0.75x online-reference step", _fmt(r, "{:.2f}x"), r and r <= 0.75))
-    w = get(res, "padding", "ours_b4_x32")
+    w = get(res, "padding", "ours_b4")
     out.append(_target("padding waste <= 3% (batch 4, PairStream as train runs it)", _fmt(w, "{:.1%}"), None if w is None else w <= 0.03))
-    c = get(res, "padding", "compiled_shapes_b4_x32")
-    out.append(_target("compiled step traced a handful of times per run (<= 5 input shapes per epoch)", _fmt(c, "{:,} shapes"),
-                       None if c is None else c <= 5))
+    c, c3 = get(res, "padding", "compiled_shapes_b4"), get(res, "padding", "compiled_shapes_b4_3_epochs")
+    out.append(_target(f"compiled step traced a handful of times per run (<= {HANDFUL} input shapes)",
+                       "n/a" if c is None else f"{c:,} shapes in an epoch, {c3:,} in 3 epochs", None if c3 is None else c3 <= HANDFUL))
     budget = get(res, "logps", "ours_vocab", "chunk_budget_bytes")
     grows = [None if None in (get(res, "logps", f"ours_{v}", "extra_peak_bytes"), get(res, "logps", f"body_{v}", "extra_peak_bytes"))
              else get(res, "logps", f"ours_{v}", "extra_peak_bytes") - get(res, "logps", f"body_{v}", "extra_peak_bytes")
@@ -116,6 +125,16 @@ def markdown(res: dict) -> str:
         gf = fast and get(ours, "matmul_params") and 2 * get(ours, "matmul_params") * fast / 1e9
         lines.append(f"| {label} | {_cell(d, 'tokens_per_s', '{:,.0f}')} | {_fmt(fast, '{:,.0f}')} | {_fmt(gf, '{:.0f}')} | "
                      f"{_fmt(_ratio(gf, peak), '{:.0%}')} | {_fmt(_ratio(fast, trl_fast), '{:.2f}x')} |")
+    smol = res.get("precompute_smollm2")
+    if smol:
+        s_ours, s_trl = smol["ours"], smol["trl"]
+        s_fast = get(s_trl, "best_half_tokens_per_s")
+        lines.append(f"| **SmolLM2-135M-Instruct** ({_cell(s_ours, 'tokens', '{:,}')} tokens) | | | | | |")
+        for d, label in ((s_ours, "`mlx-dpo precompute` (reference forwards)"), (s_trl, "TRL `precompute_ref_log_probs` (torch CPU)")):
+            fast = get(d, "best_half_tokens_per_s")
+            gf = fast and get(s_ours, "matmul_params") and 2 * get(s_ours, "matmul_params") * fast / 1e9
+            lines.append(f"| {label} | {_cell(d, 'tokens_per_s', '{:,.0f}')} | {_fmt(fast, '{:,.0f}')} | {_fmt(gf, '{:.0f}')} | "
+                         f"{_fmt(_ratio(gf, peak), '{:.0%}')} | {_fmt(_ratio(fast, s_fast), '{:.2f}x')} |")
     lines.append(f"\n`mlx-dpo precompute` end to end (load, tokenize, hash, write): {_cell(ours, 'end_to_end_tokens_per_s', '{:,.0f}')} tokens/s.")
     lines += _train_table(res) + _padding_table(res) + _logps_table(res) + _variants_table(res)
     lines += ["", "**Targets**", "", "| target | measured | |", "|---|---|---|"]
@@ -153,16 +172,25 @@ def _train_table(res) -> list[str]:
             else:
                 cells += [f"{d['step_s']:.2f}", _gb(d.get("mlx_peak_bytes")) or "-", _gb(d.get("max_rss_bytes"))]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    tv = res.get("train_vocab")
-    if tv:
-        lines.append(f"| **bench-vocab (V={res['shapes']['bench-vocab']['vocab_size']:,})** | | | | | | |")
+    blocks = (("train_vocab", f"bench-vocab (V={res['shapes']['bench-vocab']['vocab_size']:,})"),
+              ("train_smollm2", f"SmolLM2-135M-Instruct (V={SMOLLM2_VOCAB:,}, 30 layers, tied embeddings)"))
+    for block, title in blocks:
+        if not res.get(block):
+            continue
+        lines.append(f"| **{title}** | | | | | | |")
         for key, label in (("cached", "`mlx-dpo train` (cached reference)"), ("mlx_lm_lora", "mlx-lm-lora DPO (reference copy)")):
             cells = []
             for ft in ("lora", "full"):
-                d = tv[ft].get(key)
+                d = res[block][ft].get(key)
                 cells += [_cell(d, "step_s"), "", ""] if d is None or "error" in d else \
                     [f"{d['step_s']:.2f}", _gb(d.get("mlx_peak_bytes")) or "-", _gb(d.get("max_rss_bytes"))]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    shapes = [f"{name} {ft} {n}" for block, name in (("train", "bench-125m"), ("train_vocab", "bench-vocab"),
+                                                      ("train_smollm2", "SmolLM2")) for ft in ("lora", "full")
+              if (n := get(res, block, ft, "cached", "compiled_shapes")) is not None]
+    if shapes:
+        lines.append(f"\nDistinct input shapes our compiled step was traced for in each run above (`compiled_shapes`, "
+                     f"metrics.jsonl): {', '.join(shapes)}.")
     return lines
 
 
@@ -172,8 +200,10 @@ def _padding_table(res) -> list[str]:
         return ["", f"**4. Padding waste**: not run: {p['error']}"]
     lines = ["", f"**4. Padding waste** (padded / total tokens) over {res['settings']['padding_pairs']:,} pairs with "
              "the bench's length distribution", "", "| batcher | batch 4 | batch 8 |", "|---|---:|---:|"]
+    if "ours_b4" in p:
+        lines.append(f"| mlx-dpo `PairStream`, the default shape ladder (mlx_dpo.shapes) | {p['ours_b4']:.1%} | {p['ours_b8']:.1%} |")
     for x in (32, 8, 1):
-        label = f"mlx-dpo `PairStream`, pad to x{x}" + (" (default)" if x == 32 else "")
+        label = f"mlx-dpo `PairStream`, pad to x{x}" + (" (the default before the ladders)" if x == 32 else "")
         lines.append(f"| {label} | {p[f'ours_b4_x{x}']:.1%} | {p[f'ours_b8_x{x}']:.1%} |")
     for x in (32, 8):
         if f"ours_b4_split_x{x}" in p:
@@ -185,10 +215,16 @@ def _padding_table(res) -> list[str]:
                          f"{p[f'{k}_waste']:.1%} | |")
     lines.append(f"| mlx-lm-lora (sorted by chosen length) | {p['mlx_lm_lora_b4']:.1%} | |")
     lines.append(f"| TRL (random batches) | {p['trl_b4']:.1%} | |")
-    if "compiled_shapes_b4_x32" in p:
-        lines.append(f"\nDistinct input shapes of the compiled step over one epoch (batch 4, x32): "
-                     f"{p['compiled_shapes_b4_x32']} ({p['compiled_widths_b4_x32']} widths x scored-position counts "
-                     "padded to x64); each is one trace of the step.")
+    if "ladders" in p:
+        lines += ["", "Shape ladders (batch 4, train's stream): each distinct input shape is one trace of the compiled step; "
+                  "widths round up to multiples of m growing by ratio r, scored positions likewise.", "",
+                  "| widths (m, r) | scored positions (m, r) | token padding | scored-position padding | widths | shapes, 1 epoch |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for d in p["ladders"]:
+            name = " **(default)**" if d["default"] else (" (before the ladders)" if (d["width_ratio"], d["score_ratio"], d["width_multiple"]) == (1.0, 1.0, 32) else "")
+            lines.append(f"| x{d['width_multiple']}, {d['width_ratio']}{name} | x{d['score_multiple']}, {d['score_ratio']} | "
+                         f"{d['waste']:.1%} | {d['scored_waste']:.1%} | {d['widths']} | {d['shapes']} |")
+        lines.append(f"\nThe default over 3 epochs: {p['compiled_shapes_b4_3_epochs']} distinct input shapes.")
     return lines
 
 
@@ -232,7 +268,7 @@ def _variants_table(res) -> list[str]:
     if tv and "error" not in tv:
         lines += ["", f"Train step ({tv['fine_tune']}, bench-125m, 4 pairs = {tv['real_tokens']:,} tokens, compiled):", "",
                   "| layout | tokens in the batch | s/step | vs src | peak GB |", "|---|---:|---:|---:|---:|"]
-        for name, label in (("plain", "plain full logits (src before #13), pad x32"), ("src", "src, pad x32 (default)"),
+        for name, label in (("plain", "plain full logits (src before #13), pad x32"), ("src", "src, pad x32 (the default before the shape ladders)"),
                             ("src_x8", "src, pad x8"), ("packed", "src, packed: one row, block-diagonal mask")):
             lines.append(f"| {label} | {tv[f'{name}_padded_tokens']:,} | {tv[f'{name}_s']:.2f} | {tv[f'{name}_vs_src']:.2f}x | "
                          f"{_gb(tv.get(f'{name}_peak_bytes'))} |")

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from build import build
+from build import build, build_smollm2
 from common import BENCH, MARK, MODES, OUT, PEER_VENV
 from report import markdown, targets
 
@@ -123,11 +123,7 @@ def run(mode: str, with_peers: bool, lean: bool = False) -> dict:
     vocab_cache = str(root / "cache-step-vocab")
     res["step_cache_vocab"] = task("precompute the step pairs (bench-vocab)", "tasks.py", "precompute", dict(
         model=vocab_model, data=paths["step_data"], out=vocab_cache, max_length=max_length))
-    rows = str(root / "step_rows.json")
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(next(Path(step_cache).glob("train/part-*.parquet")))
-    Path(rows).write_text(json.dumps(table.select(["prompt_ids", "chosen_ids", "rejected_ids"]).to_pylist()))
+    rows = step_rows(step_cache, root / "step_rows.json")
     peer, why = peer_python() if with_peers else (None, "skipped (--no-peers)")
     res["peer_install"] = why
     train = res["train"] = {}
@@ -157,6 +153,9 @@ def run(mode: str, with_peers: bool, lean: bool = False) -> dict:
                                 python=peer) if peer else {"error": f"mlx-lm-lora not installed: {why}"},
         }
 
+    if m.get("smollm2") and not lean:
+        res.update(smollm2(mode, root, max_length, steps, peer, why, openblas))
+
     print("4. padding", flush=True)
     res["padding"] = task("batcher padding waste", "tasks.py", "padding", dict(
         cache_rows=m["padding_pairs"], prompt_mean=m["prompt_mean"], response_mean=m["response_mean"], out=str(root / "padding")))
@@ -181,6 +180,50 @@ def run(mode: str, with_peers: bool, lean: bool = False) -> dict:
     res["train_variants"] = task("train step variants (LoRA)", "variants.py", "train_variants", dict(
         model=model, cache=step_cache, fine_tune="lora", reps=m["variants_reps"] - 1))
     return res
+
+
+def step_rows(cache: str, path: Path) -> str:
+    """The token ids of a step cache as JSON rows, for mlx-lm-lora (the same ids as ours)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(next(Path(cache).glob("train/part-*.parquet")))
+    path.write_text(json.dumps(table.select(["prompt_ids", "chosen_ids", "rejected_ids"]).to_pylist()))
+    return str(path)
+
+
+def smollm2(mode: str, root: Path, max_length: int, steps: dict, peer: str | None, why: str, openblas: str | None) -> dict:
+    """The real SmolLM2-135M-Instruct (V = 49,152, 30 layers, tied embeddings): precompute beside TRL's,
+    and cached LoRA and full steps beside mlx-lm-lora's, on the bench pairs in one-token words."""
+    print("3b. SmolLM2-135M-Instruct", flush=True)
+    try:
+        smol = build_smollm2(mode)
+    except Exception as error:  # no network, no torch: the tables say so instead of ending the bench
+        failed = {"error": f"SmolLM2 not built: {error}"[:600]}
+        return {"precompute_smollm2": {"ours": failed, "trl": failed},
+                "train_smollm2": {ft: {"cached": failed, "mlx_lm_lora": failed} for ft in ("lora", "full")}}
+    model = smol["model"]
+    out = {"precompute_smollm2": {
+        "ours": task("SmolLM2: mlx-dpo precompute", "tasks.py", "precompute", dict(
+            model=model, data=smol["precompute_data"], out=str(root / "cache-precompute-smollm2"), max_length=max_length)),
+        "trl": task("SmolLM2: TRL precompute_ref_log_probs", "peers.py", "trl_precompute", dict(
+            model=model, data=smol["precompute_data"], max_length=max_length, batch_size=8, out=str(root / "trl-smollm2"))),
+    }}
+    cache = str(root / "cache-step-smollm2")
+    out["step_cache_smollm2"] = task("SmolLM2: precompute the step pairs", "tasks.py", "precompute", dict(
+        model=model, data=smol["step_data"], out=cache, max_length=max_length))
+    train = out["train_smollm2"] = {}
+    if "error" in out["step_cache_smollm2"]:
+        failed = {"error": "no step cache: " + out["step_cache_smollm2"]["error"]}
+        return {**out, "train_smollm2": {ft: {"cached": failed, "mlx_lm_lora": failed} for ft in ("lora", "full")}}
+    rows = step_rows(cache, root / "step_rows_smollm2.json")
+    for ft in ("lora", "full"):
+        common = dict(model=model, fine_tune=ft, out=str(root / f"runs-smollm2/{ft}"), **steps)
+        train[ft] = {
+            "cached": task(f"{ft} SmolLM2: ours, cached reference", "tasks.py", "train", dict(common, cache=cache, online=False)),
+            "mlx_lm_lora": task(f"{ft} SmolLM2: mlx-lm-lora", "peers.py", "mlx_lm_lora_train", dict(common, rows=rows, openblas=openblas),
+                                python=peer) if peer else {"error": f"mlx-lm-lora not installed: {why}"},
+        }
+    return out
 
 
 def main() -> None:

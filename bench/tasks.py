@@ -49,10 +49,13 @@ def numpy_matmul(sizes: list[int]) -> dict:
 
 
 def matmul_params(model) -> int:
-    """Weights that take part in a matmul per token: every Linear (lm_head included), not the embedding."""
+    """Weights that take part in a matmul per token: every Linear and the LM head (the embedding when it
+    is tied, as in SmolLM2), not an untied input embedding."""
     from mlx.utils import tree_flatten
 
-    return sum(v.size for k, v in tree_flatten(model.parameters()) if k.endswith("proj.weight") or k.startswith("lm_head"))
+    tied = getattr(model.args, "tie_word_embeddings", False)
+    return sum(v.size for k, v in tree_flatten(model.parameters())
+               if k.endswith("proj.weight") or k.startswith("lm_head") or (tied and k == "model.embed_tokens.weight"))
 
 
 def precompute(model: str, data: str, out: str, max_length: int) -> dict:
@@ -142,8 +145,8 @@ def train(model: str, cache: str, fine_tune: str, online: bool, warmup: int, mea
 
     stream = PairStream([Path(cache) / s.path for s in manifest.splits["train"].shards], batch_size=cfg.batch_size,
                         max_length=manifest.max_length, truncation_mode=manifest.truncation_mode,
-                        pad_id=tokenizer.pad_token_id, shuffle=True, seed=cfg.seed)
-    shapes, seconds, cpu = [], [], [time.process_time()]
+                        pad_id=tokenizer.pad_token_id, shuffle=True, seed=cfg.seed, fixed_rows=True)  # as train runs it
+    shapes, seconds, cpu, traced = [], [], [time.process_time()], []
 
     def batches():
         for _, step in stream.forever():
@@ -153,10 +156,11 @@ def train(model: str, cache: str, fine_tune: str, online: bool, warmup: int, mea
 
     train_loop(policy, build_optimizer(cfg), batches(), loss_fn, iters=cfg.iters,
                steps_per_report=1, steps_per_eval=10**9, steps_per_save=10**9,
-               on_report=lambda step, m: (seconds.append(m["ntoks"] / m["tokens_per_sec"]), cpu.append(time.process_time())))
+               on_report=lambda step, m: (seconds.append(m["ntoks"] / m["tokens_per_sec"]), cpu.append(time.process_time()),
+                                          traced.append(m["compiled_shapes"])))
     return dict(**step_stats(seconds, warmup), step_cpu_s=cpu_per_step(cpu, warmup), trainable_params=trainable,
                 vocab_size=policy.args.vocab_size, grad_checkpoint=grad_checkpoint,
-                padded_tokens=shapes[0][0], real_tokens=shapes[0][2], completion_tokens=shapes[0][1],
+                padded_tokens=shapes[0][0], real_tokens=shapes[0][2], completion_tokens=shapes[0][1], compiled_shapes=traced[-1],
                 ref_weight_bytes=weight_bytes, mlx_peak_bytes=mlx_peak_bytes())
 
 
@@ -188,17 +192,18 @@ def padding(cache_rows: int, prompt_mean: int, response_mean: int, out: str) -> 
             padded, real = padded + ids.size, real + int((ids != 0).sum())
         return round(1 - real / padded, 4)
 
-    out_ = {}
-    stream = PairStream([shard], batch_size=4, max_length=None, truncation_mode="keep_start", pad_id=0,
-                        shuffle=True, seed=0)
-    shapes = {(b.input_ids.shape, b.plan.shape) for [b] in stream.epoch(0)}
-    out_["compiled_shapes_b4_x32"] = len(shapes)  # the compiled step traces once per distinct input shape
-    out_["compiled_widths_b4_x32"] = len({s[0] for s in shapes})
+    out_ = {"ladders": _ladders(shard)}
+    default = out_["ladders"][0]
+    out_.update(compiled_shapes_b4=default["shapes"], compiled_widths_b4=default["widths"],
+                compiled_shapes_b4_3_epochs=default["shapes_3_epochs"], scored_waste_b4=default["scored_waste"])
     out_.update(_packing_waste(shard))
-    for multiple in (32, 8, 1):
-        for batch_size in (4, 8):
+    for batch_size in (4, 8):
+        stream = PairStream([shard], batch_size=batch_size, max_length=None, truncation_mode="keep_start",
+                            pad_id=0, shuffle=True, seed=0, fixed_rows=True)
+        out_[f"ours_b{batch_size}"] = waste(b.input_ids for [b] in stream.epoch(0))  # the default ladder
+        for multiple in (32, 8, 1):
             stream = PairStream([shard], batch_size=batch_size, max_length=None, truncation_mode="keep_start",
-                                pad_id=0, shuffle=True, seed=0, pad_to_multiple=multiple)
+                                pad_id=0, shuffle=True, seed=0, pad_to_multiple=multiple, pad_ratio=1.0)
             out_[f"ours_b{batch_size}_x{multiple}"] = waste(b.input_ids for [b] in stream.epoch(0))
     # Candidate: chosen rows and rejected rows padded separately (two forwards per step, same tokens).
     stream = PairStream([shard], batch_size=4, max_length=None, truncation_mode="keep_start", pad_id=0,
@@ -220,6 +225,38 @@ def padding(cache_rows: int, prompt_mean: int, response_mean: int, out: str) -> 
         padded = sum(2 * len(g) * max(max(p) for p in g) for g in groups)
         out_[name] = round(1 - real / padded, 4)
     return out_
+
+
+# Shape ladders measured against each other (mlx_dpo.shapes): (width multiple, width ratio, scored-position
+# multiple, scored-position ratio); the first is the default, (32, 1, 64, 1) the rounding before the ladders.
+LADDERS = [None, (32, 1.0, 64, 1.0), (8, 1.0, 64, 1.0), (32, 1.0, 64, 1.25), (16, 1.0625, 64, 1.25), (8, 1.09, 64, 1.25),
+           (16, 1.125, 64, 1.25), (8, 1.18, 64, 1.25), (8, 1.25, 64, 1.33), (16, 1.25, 64, 1.5)]
+
+
+def _ladders(shard) -> list[dict]:
+    """Per ladder, batch 4 as train streams it: padding of the token arrays and of the scored positions in
+    epoch 0, its distinct widths and step input shapes; for the default, also the shapes of epochs 0-2."""
+    from mlx_dpo.shapes import SCORE_MULTIPLE, SCORE_RATIO, WIDTH_MULTIPLE, WIDTH_RATIO
+    from mlx_dpo.trainer.stream import PairStream
+
+    out, default = [], (WIDTH_MULTIPLE, WIDTH_RATIO, SCORE_MULTIPLE, SCORE_RATIO)
+    for ladder in [None] + [x for x in LADDERS[1:] if x != default]:
+        w, wr, s, sr = ladder or default
+        stream = PairStream([shard], batch_size=4, max_length=None, truncation_mode="keep_start", pad_id=0, shuffle=True,
+                            seed=0, fixed_rows=True, pad_to_multiple=w, pad_ratio=wr, score_multiple=s, score_ratio=sr)
+        shapes, padded, real, scored, plan = [], 0, 0, 0, 0
+        for epoch in range(3 if ladder is None else 1):
+            for [b] in stream.epoch(epoch):
+                shapes.append((b.input_ids.shape, b.plan.shape[1]))
+                if epoch == 0:
+                    padded, real = padded + b.input_ids.size, real + int((b.input_ids != 0).sum())
+                    scored, plan = scored + int(b.plan[2].sum()), plan + b.plan.shape[1]
+            if epoch == 0:
+                first = list(shapes)
+        out.append(dict(default=ladder is None, width_multiple=w, width_ratio=wr, score_multiple=s, score_ratio=sr,
+                        waste=round(1 - real / padded, 4), scored_waste=round(1 - scored / plan, 4),
+                        widths=len({ids for ids, _ in first}), shapes=len(set(first)), shapes_3_epochs=len(set(shapes))))
+    return out
 
 
 def _packing_waste(shard) -> dict:

@@ -71,7 +71,7 @@ def train_variants(model: str, cache: str, fine_tune: str, reps: int) -> dict:
     shards = [Path(cache) / s.path for s in manifest.splits["train"].shards]
     batches = {x: next(iter(PairStream(shards, batch_size=4, max_length=manifest.max_length, pad_id=3,
                                         truncation_mode=manifest.truncation_mode, shuffle=False,
-                                        pad_to_multiple=x).epoch(0)))[0] for x in (32, 8)}
+                                        pad_to_multiple=x, pad_ratio=1.0).epoch(0)))[0] for x in (32, 8)}
     rows = {r["index"]: r for r in iter_rows(shards, None)}
     group = [rows[int(i)] for i in batches[8].indices]
     seqs = [truncate_sequence(r["prompt_ids"], r[k], None) for k in ("chosen_ids", "rejected_ids") for r in group]
