@@ -229,8 +229,8 @@ def padding(cache_rows: int, prompt_mean: int, response_mean: int, out: str) -> 
 
 # Shape ladders measured against each other (mlx_dpo.shapes): (width multiple, width ratio, scored-position
 # multiple, scored-position ratio); the first is the default, (32, 1, 64, 1) the rounding before the ladders.
-LADDERS = [None, (32, 1.0, 64, 1.0), (8, 1.0, 64, 1.0), (32, 1.0, 64, 1.25), (16, 1.0625, 64, 1.25), (8, 1.09, 64, 1.25),
-           (16, 1.125, 64, 1.25), (8, 1.18, 64, 1.25), (8, 1.25, 64, 1.33), (16, 1.25, 64, 1.5)]
+LADDERS = [None, (32, 1.0, 64, 1.0), (8, 1.0, 64, 1.0), (16, 1.0625, 64, 1.0), (16, 1.0625, 64, 1.25), (32, 1.0, 64, 1.25),
+           (8, 1.18, 64, 1.25), (8, 1.25, 64, 1.33), (16, 1.25, 64, 1.5)]
 
 
 def _ladders(shard) -> list[dict]:

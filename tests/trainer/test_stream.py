@@ -8,10 +8,8 @@ import pytest
 
 from mlx_dpo.pipeline.write import write_shard
 from mlx_dpo.schemas import ref_logps_schema
+from mlx_dpo.shapes import SCORE_MULTIPLE, SCORE_RATIO, WIDTH_MULTIPLE, WIDTH_RATIO, ladder
 from mlx_dpo.trainer.stream import PairStream
-
-# The bound of test_few_compiled_shapes_per_run (the bench's padding task reports the same count).
-COMPILED_SHAPES = 16
 
 
 def _rows(start, n):
@@ -75,13 +73,15 @@ def test_resume_continues_where_it_stopped(shards):
     assert resumed == full[5:]
 
 
+@pytest.mark.parametrize("fixed_rows", [False, True])
 @pytest.mark.parametrize("ranks, micro_batches, batch_size", [(3, 1, 2), (2, 2, 2), (1, 3, 2), (4, 1, 3)])
-def test_every_row_once_under_any_split(shards, ranks, micro_batches, batch_size):
+def test_every_row_once_under_any_split(shards, ranks, micro_batches, batch_size, fixed_rows):
     """13 rows, global batches that do not divide them: the ranks' shares of every step hold every row
     of the epoch exactly once; every rank runs the same number of steps, a rank left without rows in
-    a short last batch gets a stand-in row of weight 0."""
-    streams = [_stream(shards, rank=r, ranks=ranks, micro_batches=micro_batches, batch_size=batch_size)
-               for r in range(ranks)]
+    a short last batch gets a stand-in row of weight 0 (with fixed rows, every share is filled up to
+    batch_size pairs so)."""
+    streams = [_stream(shards, rank=r, ranks=ranks, micro_batches=micro_batches, batch_size=batch_size,
+                       fixed_rows=fixed_rows) for r in range(ranks)]
     for epoch in range(2):
         steps = [list(s.epoch(epoch)) for s in streams]
         assert len({len(rank_steps) for rank_steps in steps}) == 1
@@ -89,6 +89,8 @@ def test_every_row_once_under_any_split(shards, ranks, micro_batches, batch_size
         assert trained == Counter(range(13))
         for rank_steps in steps:
             assert all(len(step) == micro_batches for step in rank_steps)
+            if fixed_rows:
+                assert {len(b.indices) for step in rank_steps for b in step} == {batch_size}
 
 
 def _distinct_lengths(tmp_path, n):
@@ -117,14 +119,17 @@ def test_batches_change_between_epochs(tmp_path, rows, batch_size):
     assert identical <= 2 and np.mean(shared) <= 0.3, (identical, np.mean(shared))
 
 
-def _bench_lengths(tmp_path, n=2000):
+def _lengths_shard(tmp_path, n=2000, long_tail=False):
     """One shard of `n` rows of bench-like lengths (prompts ~N(64, 16) tokens, answers uniform 64..192;
-    bench/tasks.py padding)."""
+    bench/tasks.py padding), or with `long_tail` log-uniform ones (prompts 16..512, answers 16..1024)."""
     rng = np.random.default_rng(3)
     schema = ref_logps_schema("test")
     rows = []
     for i in range(n):
-        p, c, r = int(np.clip(rng.normal(64, 16), 32, 96)) + 1, *(int(n) for n in rng.integers(65, 194, 2))
+        if long_tail:
+            p, c, r = (int(x) for x in np.exp(rng.uniform(np.log([16, 16, 16]), np.log([512, 1024, 1024]))))
+        else:
+            p, c, r = int(np.clip(rng.normal(64, 16), 32, 96)) + 1, *(int(n) for n in rng.integers(65, 194, 2))
         rows.append({"index": i, "prompt_ids": [5] * p, "chosen_ids": [6] * c, "rejected_ids": [7] * r,
                      "ref_chosen_logps": -1.0, "ref_rejected_logps": -1.0, "n_chosen_tokens": c,
                      "n_rejected_tokens": r, "ref_chosen_tail_logps": 0.0, "ref_rejected_tail_logps": 0.0})
@@ -136,7 +141,7 @@ def _bench_lengths(tmp_path, n=2000):
 def test_padding_stays_low(tmp_path):
     """Bench-like lengths: the shuffled epoch pads at most 1 point more than rows fully sorted by length
     (no shuffle), and far less than random batches."""
-    shard = _bench_lengths(tmp_path)
+    shard = _lengths_shard(tmp_path)
 
     def waste(**kw) -> float:
         stream = _stream([shard], **{"batch_size": 4, "shuffle_buffer": 4096, **kw})
@@ -157,20 +162,25 @@ def test_one_cache_keeps_its_order(shards):
     assert [[b.indices.tolist() for b in step] for step in steps] == [[[7, 0], [1, 5]], [[3, 2], [6, 4]], [[12, 8], [9, 11]], [[10], [10]]]
 
 
-def test_few_compiled_shapes_per_run(tmp_path):
-    """Bench-like lengths, 2,001 pairs in batches of 4 (the last one short), three epochs streamed as
-    `mlx-dpo train` streams them: the compiled step meets at most COMPILED_SHAPES distinct input shapes
-    (token arrays, plan), every micro-batch has the same rows, and each pair still trains once per
-    epoch. (Widths rounded to x32 and scored positions to x64, short batches as they came: 38 shapes.)"""
-    stream = PairStream([_bench_lengths(tmp_path, 2001)], batch_size=4, max_length=None, truncation_mode="keep_start",
-                        pad_id=0, seed=1, fixed_rows=True)
+@pytest.mark.parametrize("long_tail, bound", [(False, 34), (True, 250)])
+def test_few_compiled_shapes_per_run(tmp_path, long_tail, bound):
+    """2,001 pairs in batches of 4 (the last one short), three epochs streamed as `mlx-dpo train` streams
+    them: every width and scored-position count is a rung of its ladder (mlx_dpo.shapes), so the distinct
+    input shapes the compiled step meets stay within `bound`; every micro-batch has the same rows, and
+    each pair still trains once per epoch. Widths rounded to x32 and scored positions to x64, short
+    batches as they came, met 38 shapes on the bench-like lengths and 623 on the long-tailed ones."""
+    stream = PairStream([_lengths_shard(tmp_path, 2001, long_tail)], batch_size=4, max_length=None,
+                        truncation_mode="keep_start", pad_id=0, seed=1, fixed_rows=True)
     shapes = set()
     for epoch in range(3):
         batches = [b for step in stream.epoch(epoch) for b in step]
-        shapes |= {(b.input_ids.shape, b.plan.shape) for b in batches}
+        shapes |= {(b.input_ids.shape, b.plan.shape[1]) for b in batches}
         assert Counter(i for b in batches for i in b.real_indices()) == Counter(range(2001))
-    assert len({ids for ids, _ in shapes}) > 1 and len({rows for (rows, _), _ in shapes}) == 1
-    assert len(shapes) <= COMPILED_SHAPES, sorted(shapes)
+    assert len({rows for (rows, _), _ in shapes}) == 1
+    widths, scored = {w for (_, w), _ in shapes}, {m for _, m in shapes}
+    assert widths <= set(ladder(min(widths), max(widths), WIDTH_MULTIPLE, WIDTH_RATIO))
+    assert scored <= set(ladder(min(scored), max(scored), SCORE_MULTIPLE, SCORE_RATIO))
+    assert len(shapes) <= bound, len(shapes)
 
 
 def test_short_batch_filled_with_weightless_copies(shards):
