@@ -251,7 +251,8 @@ def run_training(cfg: TrainConfig, overwrite: bool = False, log=print, *, resume
             f"rewards/margins {before['rewards/margins']:+.4f} -> {after['rewards/margins']:+.4f}, "
             f"rewards/accuracies {after['rewards/accuracies']:.3f} after training")
     if (shapes := [r["compiled_shapes"] for r in records if r["split"] == "train"]):
-        log(f"Compiled step: {shapes[-1]} distinct input shapes (one trace each) in {cfg.iters - (checkpoint.step if checkpoint else 0)} steps")
+        steps = cfg.iters - (checkpoint.step if checkpoint else 0)
+        log(f"Compiled step: {shapes[-1]} distinct input shapes (one trace each) in {steps} steps")
     log(f"Saved adapters to {run_dir / 'adapters.safetensors'} "
         f"(use: mlx_lm.generate --model {cfg.model} --adapter-path {run_dir})")
     return records
