@@ -9,7 +9,8 @@ import pytest
 import tiny_models
 
 run = tiny_models.invoke_cli
-TIMING = ("tokens_per_sec", "peak_memory_gb")
+# Not the run's but the process's: timing, and the shapes this process traced the compiled step for.
+TIMING = ("tokens_per_sec", "peak_memory_gb", "compiled_shapes")
 # 12 standard + 8 conversational train rows at 0.7/0.3: an epoch of 20 pairs draws 14 from A, 6 from B; in
 # global batches of 2 x 2 micro-batches through buffers of 8 rows that is 5 full steps, so 7 steps train
 # 28 pairs and resume points fall mid-epoch; dropout, warmup and cosine make every restored state matter.
@@ -55,6 +56,22 @@ def test_pairs_per_cache_add_up_to_the_pairs_trained(setup):
     assert all("pairs_per_cache" not in r for r in metrics(root / "whole") if r["split"] == "eval")
     config = (root / "whole" / "config.yaml").read_text()
     assert f"cache:\n- {a}\n- {b}\n" in config and "cache_weights: 0.7,0.3" in config
+
+
+
+def test_short_batches_count_only_their_pairs(setup):
+    """Batches of 3 (no accumulation) through buffers of 8: the epoch's 20 pairs make 8 steps, of 3, 3 and
+    2 pairs from each of the first two buffers and 3 and 1 from the last (in a shuffled order), the short
+    ones filled up to 3 rows with copies of weight 0 (one compiled row count). pairs_per_cache counts only
+    the pairs trained: the 8 steps add up to the 14 + 6 of the epoch, not to 8 x 3."""
+    root, model, _ = setup
+    result = train(root, model, "short", "--batch-size", 3, "--grad-accumulation-steps", 1, "--iters", 8,
+                   "--steps-per-eval", 100, "--steps-per-save", 100)
+    assert result.exit_code == 0, result.output
+    a, b = str(root / "a"), str(root / "b")
+    train_lines = [r for r in metrics(root / "short") if r["split"] == "train"]
+    assert sorted(sum(r["pairs_per_cache"].values()) for r in train_lines) == [1, 2, 2, 3, 3, 3, 3, 3]
+    assert {c: sum(r["pairs_per_cache"][c] for r in train_lines) for c in (a, b)} == {a: 14, b: 6}
 
 
 def test_evaluation_scores_the_valid_splits_of_every_cache(setup):

@@ -112,3 +112,20 @@ def test_evaluation_reads_every_cache_once(caches):
     """Unshuffled (evaluation): the caches one after the other, every row once, named by cache."""
     drawn = _drawn(_stream(caches, shuffle=False), 0)
     assert Counter(drawn) == Counter((c, i) for c, n in enumerate(SIZES) for i in range(n))
+
+
+@pytest.mark.parametrize("ranks, micro_batches, batch_size", [(1, 1, 4), (2, 1, 2), (1, 2, 3), (3, 1, 2)])
+def test_weightless_fillers_count_for_no_cache(caches, ranks, micro_batches, batch_size):
+    """With fixed rows (train's compiled step: every micro-batch filled up to batch_size pairs with copies
+    of weight 0), 21 pairs that no global batch divides: each batch's pairs_per_cache counts only its
+    pairs of weight 1, and over all ranks an epoch's add up to the 15 + 6 pairs it trains."""
+    totals = np.zeros(2)
+    for rank in range(ranks):
+        stream = _stream(caches, weights=[0.7, 0.3], batch_size=batch_size, rank=rank, ranks=ranks,
+                         micro_batches=micro_batches, fixed_rows=True)
+        for step in stream.epoch(0):
+            for b in step:
+                assert len(b.indices) == batch_size
+                assert b.pairs_per_cache.tolist() == [float(sum((b.caches == c) & (b.weights > 0))) for c in (0, 1)]
+                totals += b.pairs_per_cache
+    assert totals.tolist() == [15, 6]
