@@ -23,7 +23,7 @@ run = tiny_models.invoke_cli
 def launch(*args):
     """`mlx.launch --backend ring -n 2 mlx-dpo ...`: two real ranks on localhost; stdout + stderr.
     (mlx.launch exits 0 even when its ranks exit 1: callers check the output.)"""
-    command = [str(BIN / "mlx.launch"), "--backend", "ring", "-n", "2", str(BIN / "mlx-dpo"), *map(str, args)]
+    command = [*tiny_models.ring_launch(2), str(BIN / "mlx-dpo"), *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr

@@ -299,3 +299,31 @@ def run_cli(*args, ok: bool = True):
     result = invoke_cli(*args, catch_exceptions=True)
     assert not ok or result.exit_code == 0, result.output
     return result
+
+
+def ring_launch(n: int = 2) -> list[str]:
+    """`mlx.launch --backend ring -n N --starting-port P` with P..P+N-1 free now. mlx.launch's default port
+    (32323) is fixed, so two suites launching at once on one machine connect to each other's ranks and hang."""
+    import socket
+    import sys
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + n > 65535:
+            continue
+        try:
+            held = []
+            for p in range(port, port + n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+        return [str(Path(sys.executable).parent / "mlx.launch"), "--backend", "ring", "-n", str(n),
+                "--starting-port", str(port)]
+    raise RuntimeError("no free ports for mlx.launch")

@@ -205,12 +205,10 @@ def test_ranks_with_different_pair_counts_gather_every_pair(tmp_path, layout):
     rank 0 gets all of them, sorted by (index, k)."""
     import subprocess
     import sys
-    from pathlib import Path
 
     script, out = tmp_path / "gather.py", tmp_path / "out.json"
     script.write_text(GATHER_SCRIPT)
-    launcher = Path(sys.executable).parent / "mlx.launch"
-    result = subprocess.run([str(launcher), "--backend", "ring", "-n", "2", sys.executable, str(script), str(out),
+    result = subprocess.run([*tiny_models.ring_launch(2), sys.executable, str(script), str(out),
                              layout.split()[0]], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     columns = json.loads(out.read_text())
