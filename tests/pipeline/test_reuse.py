@@ -169,9 +169,10 @@ def test_rows_with_several_rejected_answers_match_by_all_their_lists(tiny_model_
     assert_like_fresh(tmp_path / "caches" / "k2", tiny_model_dir, data, tmp_path)
 
 
-def test_overwrite_in_place_reuses_the_old_cache_before_clearing_it(v1, tiny_model_dir, tmp_path):
+def test_overwrite_in_place_reuses_the_old_cache(v1, tiny_model_dir, tmp_path):
     """`precompute --out SAME --overwrite` (the natural rebuild): the old cache at --out is read and
-    verified as a source before its files are cleared, so only the new rows run through the model."""
+    verified as a source, so only the new rows run through the model (test_overwrite.py: it stays whole
+    until the new cache replaces it)."""
     cached = manifest_of(v1)["splits"]["train"]["rows_cached"]
     data = tiny_models.write_jsonl(tmp_path / "more.jsonl", tiny_models.standard_rows() + NEW_ROWS)
     output = precompute(tiny_model_dir, data, v1, "--overwrite")

@@ -25,6 +25,7 @@ from .config import PrecomputeConfig
 from .identity import identity_fields
 from .load import load_splits
 from .lock import cache_lock
+from .rebuild import discard, finish_swap, prepare, rebuild_dir, swap_in
 from .reference import load_reference, score_rows
 from .reuse import fill_from, is_scored, source_caches
 from .shards import (
@@ -46,7 +47,7 @@ from .write import shard_identity, write_shard
 
 def _check_existing(out: Path, identity: str, fields: dict, overwrite: bool, staging: bool) -> Manifest | None:
     """The manifest if `out` already holds this exact cache, whole; refuse any other cache, or with
-    `overwrite` rebuild it (its files are cleared by _build only after its rows were read for reuse).
+    `overwrite` rebuild it (beside it, in rebuild.py's folder: the old cache stays until the new one is whole).
     A `staging` directory (remote.py) holds at most a copy of the remote manifest, and partial shards
     of other inputs are cleared rather than refused."""
     if overwrite:
@@ -173,14 +174,21 @@ def _work_split(cfg: PrecomputeConfig):
 
 
 def _build(run: _Run, input_splits: dict, staging: bool, workers: int, worker: int, group):
-    """Everything that writes into `out`: this worker's shards, then (by the last one) the manifest."""
+    """Everything that writes into `out`: this worker's shards, then (by the last one) the manifest.
+    With --overwrite they are written to `work` (pipeline/rebuild.py) and swapped in when complete."""
     cfg, out, identity = run.cfg, run.out, run.identity
     main, existing = worker == 0 and cfg.num_shards == 1, None
+    work = rebuild_dir(out) if cfg.overwrite else out
     if worker == 0 or group is None:
         _refuse_links(out)
+        finish_swap(out)  # a rebuild killed while swapping in: first finish it
         if (existing := _check_existing(out, identity, run.fields, cfg.overwrite, staging)) is None:
             for tmp in temp_files(out):  # of a writer that died: we hold the lock, no one else writes
                 tmp.unlink(missing_ok=True)
+        if cfg.overwrite:
+            prepare(out, identity)
+        else:
+            discard(out)  # a failed rebuild's shards: this run does not resume them
     barrier(group)  # rank 0 has checked the directory
     if existing is None and not cfg.overwrite and group is not None and (out / MANIFEST_NAME).is_file():
         existing = read_manifest(out)  # rank 0 kept it, so it is this very cache
@@ -198,29 +206,30 @@ def _build(run: _Run, input_splits: dict, staging: bool, workers: int, worker: i
     rows_in = {name: len(rows) for name, rows in encoded.items()}
     tasks = plan(rows_in, cfg.rows_per_shard)
     started = time.perf_counter()
-    # Before --overwrite clears `out`: its old cache is a source too (its values are now in `encoded`).
+    # With --overwrite the old cache at `out` is a source too (verified first, as any other).
     reused = _reuse(run, encoded, rejected_per_prompt, staging, worker == 0)
-    barrier(group)  # every rank has read what it reuses
     if worker == 0 or group is None:
-        if cfg.overwrite:
-            clear_layout(out)
-        remove_unplanned(out, tasks)
+        remove_unplanned(work, tasks)
     barrier(group)
     mine = owned(tasks, workers, worker)
-    _compute(run, mine, encoded, positions, rejected_per_prompt, worker == 0)
+    _compute(run, work, mine, encoded, positions, rejected_per_prompt, worker == 0)
 
     base = dict(identity=identity, identity_fields=run.fields, reference_model=cfg.model, max_length=cfg.max_length,
                 truncation_mode=cfg.truncation_mode, rejected_per_prompt=rejected_per_prompt, rows_in=rows_in,
                 input_splits={name: input_splits[name] for name in rows_in},
                 inputs={name: notes.to_json() for name, (_, notes) in results.items()})
     if cfg.num_shards > 1:
-        write_partial(out, base, cfg.rows_per_shard, workers, worker)
+        write_partial(work, base, cfg.rows_per_shard, workers, worker)
+        if work != out:
+            swap_in(out)
         run.log(f"Shard set {worker} of {workers} written to {out} ({len(mine)} of {len(tasks)} shards); "
                 f"when all are done: mlx-dpo cache merge OUT {out} ...")
         return None
     barrier(group)  # every rank's shards are on disk
     if main:
-        manifest = finish(out, tasks, base)
+        manifest = finish(work, tasks, base)
+        if work != out:
+            swap_in(out)
         run.log(_summary(manifest, time.perf_counter() - started, reused))
     barrier(group)  # the manifest is written
     return manifest if main else read_manifest(out)
@@ -234,13 +243,13 @@ def _reuse(run: _Run, encoded: dict, rejected_per_prompt: int, staging: bool, sh
     log = run.log if show else (lambda line: None)
     sources = source_caches(run.out, run.cfg.reuse_from, scan_parent=not staging, log=log)
     if run.cfg.overwrite and not staging and (run.out / MANIFEST_NAME).is_file():
-        sources.insert(0, (str(run.out), run.out))  # the cache being rebuilt: read (and verified) before it is cleared
+        sources.insert(0, (str(run.out), run.out))  # the cache being rebuilt, which stays until the new one is whole
     return fill_from(sources, run.fields, encoded, rejected_per_prompt, log)
 
 
-def _compute(run: _Run, tasks, encoded: dict, positions: dict, rejected_per_prompt: int, show: bool) -> None:
-    """Score and write every task not already complete (resume), with a tokens/s progress bar."""
-    cfg, out = run.cfg, run.out
+def _compute(run: _Run, out: Path, tasks, encoded: dict, positions: dict, rejected_per_prompt: int, show: bool) -> None:
+    """Score and write into `out` every task not already complete (resume), with a tokens/s progress bar."""
+    cfg = run.cfg
     todo = [t for t in tasks if not is_complete(t, out, run.identity)]
     chunks = {t: encoded[t.split][t.start : t.start + t.rows] for t in todo}
     misses = {t: [r for r in chunk if isinstance(r, dict) and not is_scored(r)] for t, chunk in chunks.items()}

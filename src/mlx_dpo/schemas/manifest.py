@@ -13,6 +13,7 @@ MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 PARTIAL_NAME = "partial.json"  # a --shard-index job's record, read by `cache merge`
 CACHE_SPLITS = ("train", "valid")  # the cache's split folders
+REBUILD_NAME = ".mlx-dpo-rebuild"  # where precompute --overwrite builds the new cache (pipeline/rebuild.py)
 
 
 class OldCache(ValueError):
@@ -151,8 +152,8 @@ def read_manifest(cache_dir: Path) -> Manifest:
     return manifest
 
 
-# Never worth descending into when looking for caches.
-_SKIP_DIRS = {".git", "__pycache__", "node_modules", ".venv", "site-packages"}
+# Never worth descending into when looking for caches (REBUILD_NAME: a cache being rebuilt, not one yet).
+_SKIP_DIRS = {".git", "__pycache__", "node_modules", ".venv", "site-packages", REBUILD_NAME}
 
 
 def find_caches(root: Path) -> list[tuple[Path, str | None]]:
