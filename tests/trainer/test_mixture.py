@@ -167,6 +167,17 @@ def test_bad_cache_weights_are_one_line(tmp_path, weights, message):
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("weights", ["1", "0.3", "0.5,0.5"])
+def test_cache_weights_for_one_cache_are_refused(tmp_path, weights):
+    """One --cache is trained alike under any weight, so --cache-weights there is a mistake: say so."""
+    result = run("train", "--cache", tmp_path / "a", "--model", tmp_path / "m", "--output", tmp_path / "run",
+                 "--cache-weights", weights)
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"Error: --cache-weights {weights}: one --cache has nothing to weigh against; the weights share each "
+        "epoch among several --cache (leave --cache-weights out, or add a --cache)"), result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_cache_given_twice_is_refused(tmp_path):
     result = run("train", "--cache", tmp_path / "a", "--cache", tmp_path / "a", "--model", tmp_path / "m",
                  "--output", tmp_path / "run")

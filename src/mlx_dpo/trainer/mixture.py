@@ -25,10 +25,14 @@ MIX_TAG = 0x6D6978
 
 
 def parse_cache_weights(text: str | None, caches: int) -> list[float] | None:
-    """--cache-weights as floats (None when not given). Raises UserError, in one line, on a count other
-    than one per --cache, a value that is not a finite number, a negative value or all zeros."""
+    """--cache-weights as floats (None when not given). Raises UserError, in one line, on weights for a
+    single --cache (they would change nothing), a count other than one per --cache, a value that is not
+    a finite number, a negative value or all zeros."""
     if text is None:
         return None
+    if caches == 1:
+        raise UserError(f"--cache-weights {text}: one --cache has nothing to weigh against; the weights share "
+                        "each epoch among several --cache (leave --cache-weights out, or add a --cache)")
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) != caches:
         raise UserError(f"--cache-weights {text}: {len(parts)} weight{'s' * (len(parts) != 1)} for {caches} "
