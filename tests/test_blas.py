@@ -26,6 +26,21 @@ def test_openblas_is_loaded_globally_and_mlx_uses_it():
     assert product == "64.0" and mapped == "True"
 
 
+@linux_x86
+@pytest.mark.parametrize("env, asked, runs", [({"OPENBLAS_NUM_THREADS": "1"}, 2, 1), ({}, 1, 1)], ids=["user-set-1", "unset"])
+def test_a_users_openblas_num_threads_caps_what_precompute_asks_for(env, asked, runs):
+    """precompute's two streams ask OpenBLAS for cores // 2 threads each (pipeline/reference.py); a
+    user's OPENBLAS_NUM_THREADS=1 (the fix on a busy machine) must win over that, and 1 must take."""
+    import os
+
+    code = ("import ctypes, mlx_dpo\nfrom mlx_dpo._blas import blas_threads, status\n"
+            "openblas = ctypes.CDLL(status.split(' from ', 1)[1])\n"
+            f"with blas_threads({asked}):\n    print(openblas.openblas_get_num_threads())\n")
+    clean = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GOTO_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env}, check=True)
+    assert out.stdout.strip() == str(runs), out.stderr
+
+
 def test_environment_variable_turns_it_off():
     assert _status({"MLX_DPO_OPENBLAS": "0"}).strip() == "disabled by MLX_DPO_OPENBLAS=0"
 

@@ -113,15 +113,16 @@ def load_openblas() -> str:
 @contextlib.contextmanager
 def blas_threads(n: int | None):
     """OpenBLAS at `n` threads inside the block (None: unchanged), when we loaded it; restored after.
-    Two MLX CPU streams each running matmuls want one BLAS thread each, not two each."""
+    Two MLX CPU streams each running matmuls want one BLAS thread each, not two each. Never more
+    than OpenBLAS runs already: a user's OPENBLAS_NUM_THREADS (or OMP_NUM_THREADS) caps it."""
     handle = None
     if n is not None and status.startswith("loaded"):
         handle = ctypes.CDLL(status.split(" from ", 1)[1])
     if handle is None:
         yield
         return
-    before = handle.openblas_get_num_threads()
-    handle.openblas_set_num_threads(n)
+    before = handle.openblas_get_num_threads()  # OpenBLAS set it from the environment when it loaded
+    handle.openblas_set_num_threads(min(n, before))
     try:
         yield
     finally:
