@@ -2,6 +2,7 @@
 Each must give what one process gives."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,17 @@ def test_two_ranks_precompute_the_same_cache(setup):
     launch("precompute", *args, "--out", root / "ranks")
     assert shards(root / "ranks") == shards(root / "single")  # same files, byte for byte
     assert len(shards(root / "single")) == 5  # 3 train + 2 valid: both ranks had work
+
+
+def test_two_ranks_rebuild_a_cache_with_overwrite(setup, tmp_path):
+    """--overwrite under mlx.launch: the ranks write beside the old cache, rank 0 swaps the new one in."""
+    root, args = setup
+    shutil.copytree(root / "single", tmp_path / "caches" / "ranks")
+    assert run("precompute", *args, "--max-length", 40, "--out", tmp_path / "single40").exit_code == 0
+    launch("precompute", *args, "--max-length", 40, "--out", tmp_path / "caches" / "ranks", "--overwrite")
+    assert shards(tmp_path / "caches" / "ranks") == shards(tmp_path / "single40") != shards(root / "single")
+    assert not (tmp_path / "caches" / "ranks" / ".mlx-dpo-rebuild").exists()
+    assert run("cache", "verify", tmp_path / "caches" / "ranks").exit_code == 0
 
 
 def test_shard_jobs_and_merge_give_the_same_cache(setup, tmp_path):
