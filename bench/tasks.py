@@ -7,12 +7,14 @@ padding (4); figure 5 and the optimisations are in logps_tasks.py. Each returns 
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from common import cpu_per_step, mlx_peak_bytes, rate_stats, step_stats, task_main
 
 import mlx_dpo  # first: loads OpenBLAS before mlx (unless MLX_DPO_OPENBLAS=0)
+from mlx_dpo.process import keep_torch_out_of_transformers
 
 
 def _gflops(run, n: int, budget_s: float = 2.0) -> float:
@@ -291,4 +293,5 @@ def _packing_waste(shard) -> dict:
 
 
 if __name__ == "__main__":
+    keep_torch_out_of_transformers(sys.argv[1:2])  # for the train and precompute tasks, as the `mlx-dpo` command
     task_main({f.__name__: f for f in (matmul, numpy_matmul, precompute, train, padding)})
