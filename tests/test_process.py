@@ -3,6 +3,7 @@ is installed (it is, in the test venv), and loading a tokenizer would then pull 
 too (~250 MB resident; README: Benchmarks). datasets and pandas are the precompute's, never train's."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -19,8 +20,11 @@ NEVER = {"torch", "accelerate", "sympy", "matplotlib"}
 
 
 def imported_by(*args) -> set[str]:
-    result = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}  # set by a test import
+    result = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True, timeout=600,
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "PyTorch was not found" not in result.stderr  # transformers' advice, meaningless here
     return {name.split(".")[0] for name in json.loads(result.stdout.rsplit("MODULES ", 1)[1])}
 
 

@@ -13,6 +13,7 @@ import sys
 
 ENV_SWITCH = "MLX_DPO_HIDE_TORCH"
 TOKENIZER_COMMANDS = {"train", "precompute"}
+ADVICE = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
 
 
 def keep_torch_out_of_transformers(argv: list[str]) -> bool:
@@ -27,10 +28,16 @@ def keep_torch_out_of_transformers(argv: list[str]) -> bool:
     if {"torch", "transformers"} & sys.modules.keys():
         return False
     sys.modules["torch"] = None  # importlib's way to stop an import: find_spec("torch") is None
+    quiet = os.environ.get(ADVICE)
+    os.environ[ADVICE] = "1"  # not its "PyTorch was not found. Models won't be available ..."
     try:
         from transformers.utils.import_utils import is_torch_available
 
         is_torch_available()  # False, and cached
     finally:
         del sys.modules["torch"]  # datasets takes `"torch" in sys.modules` to mean torch was imported
+        if quiet is None:
+            del os.environ[ADVICE]
+        else:
+            os.environ[ADVICE] = quiet
     return True
