@@ -25,6 +25,11 @@ HEAD_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwe
 _VOCAB_BLOCK = 512
 # [chunk, V] float32 arrays alive at once at the peak, with gradients (see chunk_positions).
 LIVE_CHUNK_ARRAYS = 12
+# Rows per tile of the BLAS sgemm kernel: it computes a matmul's rows a tile at a time and the last
+# rows % tile (its tail) with other instructions that round differently, so a position's values
+# depend on where its row falls unless every matmul has whole tiles (measured: OpenBLAS 0.3.29's ZEN
+# kernel, tiles of 12 rows at 1 thread; tests/pipeline/test_batch_invariance.py).
+ROW_TILE = 12
 
 
 def collate_pairs(
@@ -91,7 +96,7 @@ def _logsumexp(x: mx.array) -> mx.array:
     return mx.logsumexp(mx.concatenate(parts, axis=-1), axis=-1)
 
 
-def score_plan(completion_mask, multiple: int = SCORE_MULTIPLE, ratio: float = 1.0) -> np.ndarray:
+def score_plan(completion_mask, multiple: int = SCORE_MULTIPLE, ratio: float = 1.0, align: int = 1) -> np.ndarray:
     """Where the scored tokens are, computed on the host from a (N, T) completion mask.
 
     Token t is predicted from position t-1, so the scored positions are the set entries of
@@ -99,13 +104,20 @@ def score_plan(completion_mask, multiple: int = SCORE_MULTIPLE, ratio: float = 1
     ratio) but at most N x (T-1) (the extra columns have weight 0),
     rows: index into the flattened (N, T-1) positions, sequence (its row), weight (1 or 0),
     rank (1, 2, ... along each row's scored tokens; for LD-DPO's tail).
+    `align`: each row's scored positions start at a multiple of it (weight-0 columns of the row in
+    between), so each lands at the same place in the LM head's BLAS row tiles whatever the other rows.
     """
     mask = np.asarray(completion_mask)[:, 1:] != 0
     rows, cols = np.nonzero(mask)
-    count, capacity = len(rows), mask.size
-    size = ladder_ceil(count, multiple, ratio)
-    plan = np.zeros((4, min(size, capacity) if capacity >= max(count, 1) else size), np.int32)
-    plan[:, :count] = [rows * mask.shape[1] + cols, rows, np.ones(count), np.cumsum(mask, axis=1)[rows, cols]]
+    blocks = -(-mask.sum(axis=1) // align) * align  # columns per row: its scored positions, then gaps
+    used, capacity = int(blocks.sum()), mask.size
+    size = ladder_ceil(used, multiple, ratio)
+    plan = np.zeros((4, min(size, capacity) if capacity >= max(used, 1) else size), np.int32)
+    owner = np.repeat(np.arange(len(blocks)), blocks)
+    plan[:2, :used] = [owner * mask.shape[1], owner]  # gaps: the row's own first position, weight 0
+    rank = np.cumsum(mask, axis=1)[rows, cols]
+    slots = (np.cumsum(blocks) - blocks)[rows] + rank - 1
+    plan[:, slots] = [rows * mask.shape[1] + cols, rows, np.ones(len(rows)), rank]
     return plan
 
 
@@ -123,9 +135,13 @@ def chunk_positions(vocab_size: int, budget: int = LOGITS_CHUNK_BYTES) -> int:
     MLX's scheduler runs ahead of the computation by several ops, so the logits of one chunk, their
     exp and the next chunks' buffers are alive together: measured up to ~11 [chunk, V] float32 arrays
     at the peak with gradients with the two-level _logsumexp (tests/trainer/test_logps_chunked.py), hence
-    LIVE_CHUNK_ARRAYS.
+    LIVE_CHUNK_ARRAYS. A multiple of ROW_TILE, at least one (past the budget for V above
+    budget / (LIVE_CHUNK_ARRAYS x 4 x ROW_TILE) bytes): with a plan of whole tiles, every chunk then
+    has whole tiles, so no position's log-prob depends on where the chunk boundaries fall or on the
+    budget.
     """
-    return max(1, budget // (LIVE_CHUNK_ARRAYS * 4 * vocab_size))
+    rows = budget // (LIVE_CHUNK_ARRAYS * 4 * vocab_size)
+    return max(ROW_TILE, rows - rows % ROW_TILE)
 
 
 def _token_terms(head, hidden: mx.array, targets: mx.array, chunk: int) -> mx.array:

@@ -12,6 +12,7 @@ from mlx_lm.models import llama, qwen2, qwen3
 
 from mlx_dpo.logps import (
     LIVE_CHUNK_ARRAYS,
+    ROW_TILE,
     chunk_positions,
     lm_head,
     plain_sequence_logps,
@@ -60,8 +61,8 @@ def test_values_counts_and_tails_equal_the_plain_computation(module, tied):
     assert lm_head(model) is not None  # the chunked path, not the fallback
     ids, mask = batch()
     shared = mx.array([3, 9, 1, 20, 0, 7])
-    budget = 7 * LIVE_CHUNK_ARRAYS * 4 * VOCAB  # 7 positions per chunk: many chunks, a ragged last one
-    assert chunk_positions(VOCAB, budget) == 7
+    budget = 7 * LIVE_CHUNK_ARRAYS * 4 * VOCAB  # 7 positions' worth: chunks of ROW_TILE, the least; many
+    assert chunk_positions(VOCAB, budget) == ROW_TILE
     ours = sequence_logps(model, ids, mask, shared, budget=budget)
     plain = plain_sequence_logps(model, ids, mask, shared)
     for a, b in zip(ours, plain):

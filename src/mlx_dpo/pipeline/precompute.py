@@ -88,13 +88,13 @@ def _shard_table(scored: list[dict], identity: str, fields: dict, rejected_per_p
 
 def _score_into(rows: list[dict], model, pad_id: int, cfg: PrecomputeConfig, progress) -> None:
     """Add the reference columns to each encoded row, in place."""
-    for batch, columns in score_rows(
+    for done, columns, tokens in score_rows(
         model, rows, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode,
         pad_id=pad_id, tokens_per_batch=cfg.tokens_per_batch,
     ):
-        for j, i in enumerate(batch):
+        for j, i in enumerate(done):
             rows[i].update({name: values[j].tolist() for name, values in columns.items()})
-        progress.update(sum(_row_tokens(rows[i], cfg.max_length) for i in batch))
+        progress.update(tokens)
 
 
 def _check_finite(rows: list[dict], split: str, model: str) -> None:

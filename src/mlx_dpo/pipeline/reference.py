@@ -1,4 +1,4 @@
-"""③ The reference model's log-probs for encoded rows, in length-sorted batches."""
+"""③ The reference model's log-probs for encoded rows, each sequence at a width of its own length."""
 
 import contextlib
 import os
@@ -10,9 +10,10 @@ import numpy as np
 
 from .._blas import blas_threads
 from ..adapters import adapters_fingerprint
-from ..logps import LOGITS_CHUNK_BYTES, collate_pairs, sequence_logps, shared_lengths, split_chosen_rejected
+from ..logps import LOGITS_CHUNK_BYTES, ROW_TILE, score_plan, sequence_logps
 from ..models import load_model, quantization
-from ..schemas.sequence import pair_length
+from ..schemas.sequence import rejected_id_lists, truncate_sequence
+from ..shapes import ladder_ceil
 
 
 def dequantizes(model_path: Path) -> dict | None:
@@ -43,60 +44,68 @@ def load_reference(model_path: Path, cfg, dtype: str):
     return model
 
 
-def length_sorted_batches(lengths: list[int], tokens_per_batch: int, sequences_per_row: int = 2) -> list[list[int]]:
-    """Positions grouped so each batch's padded size (1+K sequences per row x longest) stays
-    within `tokens_per_batch`. Sorting by length first keeps padding small."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-    batches, current = [], []
-    for i in order:
-        # The first row of a batch is its longest, so it fixes the padded width.
-        width = lengths[current[0]] if current else lengths[i]
-        if current and sequences_per_row * width * (len(current) + 1) > tokens_per_batch:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
+def sequence_width(length: int) -> int:
+    """The padded width a sequence of `length` tokens is scored at, a function of its length alone. The
+    model sees width - 1 positions (the last token is only a target): a multiple of ROW_TILE, so every
+    matmul over the positions of a batch of this width has whole BLAS row tiles, and the attention and
+    softmax sums run over the same length whatever the batch. May pass max_length by a few pads, which
+    change nothing (they come after the sequence, under a causal mask)."""
+    return ladder_ceil(max(length - 1, 1), ROW_TILE) + 1
+
+
+def width_batches(widths: list[int], tokens_per_batch: int) -> list[list[int]]:
+    """Positions grouped into batches of one width each, widest first (the memory peak comes first),
+    at most max(1, tokens_per_batch // width) positions per batch, in the given order within a width."""
+    groups: dict[int, list[int]] = {}
+    for i, width in enumerate(widths):
+        groups.setdefault(width, []).append(i)
+    batches = []
+    for width in sorted(groups, reverse=True):
+        size = max(1, tokens_per_batch // width)
+        batches += [groups[width][s : s + size] for s in range(0, len(groups[width]), size)]
     return batches
 
 
 _STREAMS: list = []
+# CPU streams at most: a stream per core, each running a part of every batch.
+MAX_STREAMS = 8
 
 
 def forward_streams() -> list:
-    """Where the two halves of each batch run: on CPU one stream per core (MLX runs each stream's
-    non-matmul ops on one thread, so a single stream leaves the second core idle outside matmuls),
-    at most 2; on GPU the default stream."""
+    """Where the parts of each batch run: on CPU one stream per core (MLX runs each stream's non-matmul
+    ops on one thread, so a single stream leaves the other cores idle outside matmuls), at most
+    MAX_STREAMS; on GPU the default stream."""
     if not _STREAMS:
-        count = min(2, os.cpu_count() or 1) if mx.default_device() == mx.cpu else 1
+        count = min(MAX_STREAMS, os.cpu_count() or 1) if mx.default_device() == mx.cpu else 1
         _STREAMS.extend([mx.new_stream(mx.cpu) for _ in range(count)] if count > 1 else [None])
     return _STREAMS
 
 
 def batch_logps(model, input_ids: np.ndarray, completion_mask: np.ndarray, shared=None, streams=None):
-    """sequence_logps of a (N, T) batch, as the even rows and the odd rows, each half cut to its own
-    longest row. The halves are the same whatever the number of streams they run on, so the values
-    are too (bit for bit at the same BLAS threads per matmul: OpenBLAS rounds differently at 1 and 2
-    threads). Returns numpy (logps, tokens[, tails]), each (N,)."""
+    """sequence_logps of a (N, T) batch, its rows cut into one part per stream, all run at once, with
+    OpenBLAS at one thread (more threads split a matmul's rows between them, each share with its own
+    tail). With T - 1 and the scored positions in whole ROW_TILEs, a row's values then depend only on
+    its own tokens and T: not on the other rows or the number of streams (a part's rows are not cut
+    to its longest). Returns numpy (logps, tokens[, tails]), each (N,)."""
     streams = forward_streams() if streams is None else streams
-    lengths = completion_mask.shape[1] - np.argmax(completion_mask[:, ::-1] != 0, axis=1)
-    halves, outputs = [np.arange(0, len(input_ids), 2), np.arange(1, len(input_ids), 2)], []
-    for i, rows in enumerate(halves):
-        width = int(lengths[rows].max())
-        with mx.stream(streams[i % len(streams)]) if streams[0] is not None else contextlib.nullcontext():
+    parts = [rows for rows in np.array_split(np.arange(len(input_ids)), len(streams)) if len(rows)]
+    outputs = []
+    for i, rows in enumerate(parts):
+        with mx.stream(streams[i]) if streams[0] is not None else contextlib.nullcontext():
             part = None if shared is None else mx.array(np.asarray(shared)[rows])
-            outputs.append(sequence_logps(model, mx.array(input_ids[rows, :width]),
-                                          mx.array(completion_mask[rows, :width]), part,
-                                          budget=LOGITS_CHUNK_BYTES // 2))  # two halves may run at once
-    with blas_threads(max(1, (os.cpu_count() or 1) // 2) if len(streams) > 1 else None):  # a core each
+            plan = mx.array(score_plan(completion_mask[rows], multiple=ROW_TILE, align=ROW_TILE))
+            outputs.append(sequence_logps(model, mx.array(input_ids[rows]), mx.array(completion_mask[rows]), part,
+                                          plan, budget=LOGITS_CHUNK_BYTES // len(streams)))  # parts run at once
+    with blas_threads(1):
         mx.eval(outputs)
-    merged = []
-    for values in zip(*outputs):
-        out = np.empty(len(input_ids), np.float32)
-        for rows, v in zip(halves, values):
-            out[rows] = np.array(v)
-        merged.append(out)
-    return merged
+    return [np.concatenate([np.array(v) for v in values]) for values in zip(*outputs)]
+
+
+def _sequences(rows: list[dict], max_length: int | None, truncation_mode: str) -> list[tuple[list[int], list[int]]]:
+    """Every row's 1+K sequences (prompt + chosen, prompt + each rejected answer), truncated, as
+    (ids, completion mask), row after row."""
+    return [truncate_sequence(row["prompt_ids"], answer, max_length, truncation_mode)
+            for row in rows for answer in [row["chosen_ids"], *rejected_id_lists(row["rejected_ids"])]]
 
 
 def score_rows(
@@ -107,25 +116,48 @@ def score_rows(
     truncation_mode: str,
     pad_id: int,
     tokens_per_batch: int,
-) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
-    """Yield (positions in `rows`, {cache column: values}): ref_chosen_logps (B,),
-    ref_rejected_logps (B,) or (B, K), their token counts, and with K = 1 the LD-DPO tail sums."""
-    lengths = [pair_length(r) for r in rows]
-    several = bool(rows) and isinstance(rows[0]["rejected_ids"][0], list)
-    sequences_per_row = 1 + (len(rows[0]["rejected_ids"]) if several else 1)
-    if max_length is not None:
-        lengths = [min(n, max_length) for n in lengths]
-    for batch in length_sorted_batches(lengths, tokens_per_batch, sequences_per_row):
-        input_ids, completion_mask = collate_pairs(
-            [rows[i] for i in batch], max_length, truncation_mode, pad_id
-        )
-        shared = None if several else shared_lengths(completion_mask, len(batch))
-        outputs = batch_logps(model, input_ids, completion_mask, shared)
-        names = ["logps", "tokens", "tail_logps"]
-        columns = {}
-        for name, values in zip(names, outputs):
-            values = np.array(values).astype(np.int32 if name == "tokens" else np.float32)
-            chosen, rejected = split_chosen_rejected(values, len(batch), several)
-            prefix = ("n_{}_tokens" if name == "tokens" else "ref_{}_" + name)
-            columns[prefix.format("chosen")], columns[prefix.format("rejected")] = chosen, rejected
-        yield batch, columns
+    streams: list | None = None,
+) -> Iterator[tuple[list[int], dict[str, np.ndarray], int]]:
+    """Score every sequence of `rows` at its own width (sequence_width), in batches of sequences of
+    one width (chosen and rejected sequences of any rows mixed), so its values are a function of its
+    own tokens alone: not of its batchmates, their order, `tokens_per_batch` or the streams.
+
+    Yields after each forward (positions in `rows` whose sequences are now all scored, {cache column:
+    values} for them, tokens the forward scored, unpadded): ref_chosen_logps (B,), ref_rejected_logps
+    (B,) or (B, K), their token counts, and with K = 1 the LD-DPO tail sums."""
+    if not rows:
+        return
+    several = isinstance(rows[0]["rejected_ids"][0], list)  # K answers (a list of lists, even of one)
+    per_row = 1 + len(rejected_id_lists(rows[0]["rejected_ids"]))  # sequences per row
+    sequences = _sequences(rows, max_length, truncation_mode)
+    scored = np.array([sum(mask[1:]) for _, mask in sequences], np.int32).reshape(-1, per_row)
+    # LD-DPO's shared length (one answer): min(scored chosen tokens, scored rejected tokens) of the row
+    shared = None if several else np.repeat(scored.min(axis=1), per_row)
+    logps, tokens, tails = (np.zeros((len(rows), per_row), dtype) for dtype in (np.float32, np.int32, np.float32))
+    missing = np.full(len(rows), per_row)
+    widths = [sequence_width(len(ids)) for ids, _ in sequences]
+    for batch in width_batches(widths, tokens_per_batch):
+        input_ids = np.full((len(batch), widths[batch[0]]), pad_id, np.int32)
+        completion_mask = np.zeros_like(input_ids)
+        for j, s in enumerate(batch):
+            ids, mask = sequences[s]
+            input_ids[j, : len(ids)], completion_mask[j, : len(mask)] = ids, mask
+        outputs = batch_logps(model, input_ids, completion_mask, None if shared is None else shared[batch], streams)
+        for target, values in zip((logps, tokens, tails), outputs):
+            target.flat[batch] = values
+        owners = np.array(batch) // per_row
+        np.subtract.at(missing, owners, 1)
+        done = sorted({int(i) for i in owners if missing[i] == 0})
+        yield done, _columns(logps[done], tokens[done], None if several else tails[done], several), \
+            sum(len(sequences[s][0]) for s in batch)
+
+
+def _columns(logps: np.ndarray, tokens: np.ndarray, tails: np.ndarray | None, several: bool) -> dict[str, np.ndarray]:
+    """(B, 1+K) values per row, chosen first -> the cache's columns: chosen (B,), rejected (B, K) for
+    `several` answers, else (B,)."""
+    columns = {}
+    for name, values in (("ref_{}_logps", logps), ("n_{}_tokens", tokens), ("ref_{}_tail_logps", tails)):
+        if values is not None:
+            columns[name.format("chosen")] = values[:, 0]
+            columns[name.format("rejected")] = values[:, 1:] if several else values[:, 1]
+    return columns
