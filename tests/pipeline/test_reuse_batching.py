@@ -1,16 +1,14 @@
-"""Issue 14 item 1's exactness bound, on the README's own demo iteration: a known gap, kept as a strict xfail.
+"""Issue 14 item 1's exactness bound, on the README's own demo iteration.
 
 Stated (issue 14 item 1): the reused cache's values "equal a fresh precompute within float32 rounding
 (test: <= 1e-5 per row)". The README's demo: the demo data plus 100 new pairs from the demo's
-generator, precomputed with reuse from the demo cache, vs the same precompute with --no-reuse.
+generator, precomputed with reuse from the demo cache, vs the same precompute with --no-reuse, whose
+batches hold other rows (other batchmates, another order, the new rows among them).
 
-Asked bound (replacing the issue's 1e-5, below float32's resolution for these sums): at most 1 float32
-unit in the last place of the stored value (numpy.spacing). Measured (2026-11-30, this test): train split,
-1,700 rows: ref_chosen_logps / ref_rejected_logps differ in 381 / 397 rows, by up to 1.52587890625e-05 =
-2^-16 (2 ulp of a sum near -70) and up to 3 ulp relative to the value, 61 / 62 rows above 1 ulp; the tails
-up to 3 ulp (22 / 29 rows above 1). The valid split (160 rows, the same file, so the same batches in both
-runs) is bit-identical. So the difference is the fresh run's other batching (padding, grouping), and the
-1-ulp bound does NOT hold: this test fails until precompute's values are independent of batching.
+Asserted: every value of both splits is the same bit for bit (0 ulp), stronger than the issue's 1e-5: a
+sequence is scored at a width of its own length in batches of that width only, so its values do not
+depend on its batchmates (tests/pipeline/test_batch_invariance.py on a tiny model). Before that
+(2026-11-30), the train split differed in 397 of 1,700 rows by up to 1.5e-5 = 3 float32 ulp.
 """
 
 import json
@@ -21,11 +19,7 @@ import pytest
 
 import tiny_models
 
-pytestmark = [
-    pytest.mark.slow,
-    # strict: when precompute's values stop depending on batching, this passes and the mark must go
-    pytest.mark.xfail(strict=True, reason="precompute's values depend on batching by up to 3 float32 ulp (issue 14)"),
-]
+pytestmark = pytest.mark.slow
 
 
 def values(cache, split):
@@ -33,7 +27,7 @@ def values(cache, split):
     return table.set_index("index").sort_index()
 
 
-def test_reused_values_are_within_1_ulp_of_a_fresh_precompute_on_the_demo(tmp_path):
+def test_reused_values_equal_a_fresh_precompute_on_the_demo_bit_for_bit(tmp_path):
     from mlx_dpo.demo import TRAIN_CITIES, TRAIN_PROMPTS, build_demo, make_rows
 
     build_demo(tmp_path / ".demo")
@@ -61,4 +55,4 @@ def test_reused_values_are_within_1_ulp_of_a_fresh_precompute_on_the_demo(tmp_pa
             worst[f"{split} {column}"] = (float(diff.max()), float((diff / ulp).max()), int((diff > 0).sum()),
                                           int((diff > ulp).sum()))
     print("worst (diff, ulps, rows differing, rows > 1 ulp):", worst)
-    assert all(rows_over == 0 for *_, rows_over in worst.values()), worst
+    assert all(differing == 0 for _, _, differing, _ in worst.values()), worst
