@@ -4,7 +4,7 @@ so the two stages score the same tokens the same way.
 How (see DESIGN.md "Log-probs"): the transformer body runs over the batch; then the LM head and the
 vocabulary log-sum-exp run only at the scored positions (completion tokens), in chunks whose float32
 [positions, V] logits stay within LOGITS_CHUNK_BYTES whatever V, recomputed in the backward pass
-(mx.checkpoint) rather than stored. `plain_sequence_logps` is the direct computation over full
+(a custom VJP, _token_terms) rather than stored. `plain_sequence_logps` is the direct computation over full
 logits: the oracle the tests compare with, and the path for models whose head we do not recognise.
 """
 
@@ -144,46 +144,65 @@ def chunk_positions(vocab_size: int, budget: int = LOGITS_CHUNK_BYTES) -> int:
     return max(ROW_TILE, rows - rows % ROW_TILE)
 
 
+def _softmax_cotangent(logits: mx.array, lse: mx.array, cotangent: mx.array, targets: mx.array) -> mx.array:
+    """The cotangent of the logits of log softmax(logits)[targets]: c x (onehot(t) - exp(logits - lse)).
+    (P, V), (P,), (P,), (P,) -> (P, V) float32; one elementwise pass (fused by mx.compile)."""
+    onehot = mx.arange(logits.shape[-1])[None] == targets[:, None]
+    return cotangent[:, None] * (onehot - mx.exp(logits - lse[:, None]))
+
+
+_softmax_cotangent_fused = mx.compile(_softmax_cotangent)
+
+
 def _token_terms(head, hidden: mx.array, targets: mx.array, chunk: int) -> mx.array:
     """log softmax(head(hidden))[targets] for (M, D) hidden and (M,) targets -> (M,) float32.
 
     A custom VJP: forward and backward each walk the positions `chunk` at a time, one chunk after
-    the other (mx.depends; a free scheduler would interleave them and hold every chunk's logits),
-    and the backward recomputes each chunk's logits instead of storing them. The head's trainable
-    weights (a tied embedding being trained, say) get their gradient too.
+    the other (mx.depends; a free scheduler would interleave them and hold every chunk's logits).
+    The forward keeps each position's log-sum-exp (M floats); the backward recomputes a chunk's
+    logits once and forms their cotangent directly (_softmax_cotangent: one exp pass, where the
+    autodiff of the forward took two and a scatter), then pulls it through the head alone. The
+    head's trainable weights (a tied embedding being trained, say) get their gradient too.
     """
     module = getattr(head, "__self__", head)  # the embedding behind a tied head's as_linear
     keys = [k for k, _ in tree_flatten(module.trainable_parameters())]
     starts = range(0, hidden.shape[0], chunk)
 
-    def terms(h, t, leaves):
+    def logits_of(h, leaves):
         if keys:
             module.update(tree_unflatten(list(zip(keys, leaves))))
-        logits = head(h).astype(mx.float32)  # (chunk, V): the only [positions, V] temporary
-        return mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - _logsumexp(logits)
+        return head(h).astype(mx.float32)  # (chunk, V): the only [positions, V] temporary
+
+    def joined(parts):
+        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
 
     @mx.custom_function
     def scored(hidden, targets, *leaves):
-        parts = []
+        terms, norms = [], []
         for s in starts:
-            h = hidden[s : s + chunk] if not parts else mx.depends(hidden[s : s + chunk], parts[-1])
-            parts.append(terms(h, targets[s : s + chunk], leaves))
-        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
+            h = hidden[s : s + chunk] if not terms else mx.depends(hidden[s : s + chunk], terms[-1])
+            logits = logits_of(h, leaves)
+            norms.append(_logsumexp(logits))
+            terms.append(mx.take_along_axis(logits, targets[s : s + chunk, None], axis=-1)[:, 0] - norms[-1])
+        return joined(terms), joined(norms)  # the log-sum-exps: for the backward
 
     @scored.vjp
-    def scored_vjp(primals, cotangent, _):
+    def scored_vjp(primals, cotangents, outputs):
         hidden, targets, *leaves = primals
+        cotangent, lse = cotangents[0], outputs[1]
         grads, leaf_grads = [], [mx.zeros_like(v) for v in leaves]
         for s in starts:
             h = hidden[s : s + chunk] if not grads else mx.depends(hidden[s : s + chunk], grads[-1])
-            t = targets[s : s + chunk]
-            _, (gh, *gl) = mx.vjp(lambda h, *lv, t=t: terms(h, t, lv), [h, *leaves], [cotangent[s : s + chunk]])
+            g = _softmax_cotangent_fused(logits_of(h, leaves), lse[s : s + chunk], cotangent[s : s + chunk],
+                                         targets[s : s + chunk])
+            # The head's own VJP; the logits it would recompute are never used, so never evaluated.
+            _, (gh, *gl) = mx.vjp(lambda h, *lv: logits_of(h, lv), [h, *leaves], [g])
             grads.append(gh)
             leaf_grads = [a + b for a, b in zip(leaf_grads, gl)]
-        return (mx.concatenate(grads) if len(grads) > 1 else grads[0], mx.zeros_like(targets), *leaf_grads)
+        return (joined(grads), mx.zeros_like(targets), *leaf_grads)
 
     leaves = [v for _, v in tree_flatten(module.trainable_parameters())]
-    return scored(hidden, targets, *leaves)
+    return scored(hidden, targets, *leaves)[0]
 
 
 def sequence_logps(

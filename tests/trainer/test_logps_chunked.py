@@ -13,6 +13,7 @@ from mlx_lm.models import llama, qwen2, qwen3
 from mlx_dpo.logps import (
     LIVE_CHUNK_ARRAYS,
     ROW_TILE,
+    _token_terms,
     chunk_positions,
     lm_head,
     plain_sequence_logps,
@@ -100,6 +101,25 @@ def test_compiled_with_a_plan_from_the_host():
     assert ok, worst
 
 
+def test_compiled_gradients_equal_the_plain_computation():
+    """The custom backward inside mx.compile (as the train step runs it), with weight-0 plan columns:
+    every gradient of a trainable tied model equal to the plain path's, eager."""
+    model = tiny(llama, True)
+    ids, mask = batch()
+    plan = mx.array(score_plan(np.array(mask), multiple=64))
+    assert int(plan[2].sum()) < plan.shape[1]  # padded columns, weight 0
+    loss = lambda m, fn: (fn(m)[0] * mx.arange(1, 7)).sum()  # noqa: E731
+    budget = 9 * LIVE_CHUNK_ARRAYS * 4 * VOCAB
+    ours = mx.compile(lambda i, k, p: nn.value_and_grad(model, lambda m: loss(m, lambda m: sequence_logps(
+        m, i, k, plan=p, budget=budget)))(model)[1])(ids, mask, plan)
+    plain = nn.value_and_grad(model, lambda m: loss(m, lambda m: plain_sequence_logps(m, ids, mask)))(model)[1]
+    ours, plain = dict(tree_flatten(ours)), dict(tree_flatten(plain))
+    assert ours.keys() == plain.keys()
+    for name in plain:
+        scale = float(mx.abs(plain[name]).max())
+        assert float(mx.abs(ours[name] - plain[name]).max()) <= 1e-5 * scale + 1e-9, name
+
+
 def test_score_plan_layout():
     plan = score_plan(np.array([[0, 0, 1, 1, 0], [1, 1, 0, 1, 1]]), multiple=8)
     # mask[:, 1:] = [[0, 1, 1, 0], [1, 0, 1, 1]]: flat positions 1, 2 and 4, 6, 7
@@ -154,3 +174,32 @@ def test_an_unknown_architecture_takes_the_plain_path():
 
     logps, counts = sequence_logps(Logits(), mx.array([[1, 1, 0]]), mx.array([[0, 1, 1]]))
     assert logps.item() == pytest.approx(2 * math.log(0.5)) and counts.tolist() == [2]
+
+
+def test_head_gradients_equal_float64_at_a_larger_vocabulary():
+    """_token_terms's own backward (the saved log-sum-exp, one softmax pass) against float64 numpy:
+    d/dh and d/dW of sum_i c_i log softmax(W h_i)[t_i] = sum_i c_i (onehot(t_i) - softmax(W h_i)),
+    with a trainable head, ragged chunks, zero cotangents (weight-0 positions) and peaked rows."""
+    rng = np.random.default_rng(3)
+    vocab, dim, positions = 5_000, 16, 23
+    head = nn.Linear(dim, vocab, bias=False)
+    weight = rng.normal(0, 1, (vocab, dim)).astype(np.float32)
+    weight[7] *= 4  # token 7 dominates some rows: p close to 1 there
+    head.weight = mx.array(weight)
+    hidden = rng.normal(0, 1, (positions, dim)).astype(np.float32)
+    targets = rng.integers(0, vocab, positions)
+    targets[:5] = 7
+    cot = rng.normal(0, 1, positions).astype(np.float32)
+    cot[-4:] = 0
+
+    def loss(h, w):
+        head.weight = w
+        return (_token_terms(head, h, mx.array(targets), 6) * mx.array(cot)).sum()
+
+    gh, gw = mx.grad(loss, argnums=(0, 1))(mx.array(hidden), mx.array(weight))
+    logits = hidden.astype(np.float64) @ weight.astype(np.float64).T
+    soft = np.exp(logits - logits.max(-1, keepdims=True))
+    soft /= soft.sum(-1, keepdims=True)
+    g = cot[:, None] * ((np.arange(vocab)[None] == targets[:, None]) - soft)
+    for ours, exact in ((gh, g @ weight), (gw, g.T @ hidden)):
+        assert np.abs(np.array(ours) - exact).max() <= 1e-5 * np.abs(exact).max()
