@@ -274,4 +274,21 @@ def _variants_table(res) -> list[str]:
                          f"{_gb(tv.get(f'{name}_peak_bytes'))} |")
     elif tv:
         lines.append(f"\nTrain step variants: not run: {tv['error']}")
+    return lines + _head_table(res)
+
+
+def _head_table(res) -> list[str]:
+    runs = [res.get(k) for k in ("head_variants", "head_variants_vocab") if res.get(k)]
+    if not runs:
+        return []
+    lines = ["", "LM head backward (compiled LoRA step, 4 pairs padded to x8; the same chunks): autodiff of each chunk's "
+             "forward (src before the saved log-sum-exp) against the saved log-sum-exp (src):", "",
+             "| vocabulary | scored positions | autodiff s/step | src s/step | src vs autodiff | autodiff peak GB | src peak GB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for hv in runs:
+        if "error" in hv:
+            lines.append(f"| not run: {hv['error']} | | | | | | |")
+            continue
+        lines.append(f"| {hv['vocab']:,} | {hv['scored_positions']:,} of {hv['plan_positions']:,} | {hv['autodiff_s']:.2f} | "
+                     f"{hv['src_s']:.2f} | {hv['src_vs_autodiff']:.2f}x | {_gb(hv['autodiff_peak_bytes'])} | {_gb(hv['src_peak_bytes'])} |")
     return lines

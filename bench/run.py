@@ -179,6 +179,9 @@ def run(mode: str, with_peers: bool, lean: bool = False) -> dict:
                                          dict(model=vocab_model, rows=rows_, seq=seq_, reps=m["variants_reps"]))
     res["train_variants"] = task("train step variants (LoRA)", "variants.py", "train_variants", dict(
         model=model, cache=step_cache, fine_tune="lora", reps=m["variants_reps"] - 1))
+    for key, path, cache in (("head_variants", model, step_cache), ("head_variants_vocab", vocab_model, vocab_cache)):
+        res[key] = task(f"LM head backward variants ({key})", "variants.py", "head_variants", dict(
+            model=path, cache=cache, reps=m["variants_reps"] - 1))
     return res
 
 

@@ -7,6 +7,7 @@ forward_variants: the precompute forward (no gradient); train_variants: the comp
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -46,10 +47,9 @@ def forward_variants(model: str, rows: int, seq: int, reps: int) -> dict:
     return out
 
 
-def train_variants(model: str, cache: str, fine_tune: str, reps: int) -> dict:
-    """Seconds per compiled train step on one batch of 4 pairs: the plain full-logits log-probs (src
-    before #13), src (padded to x32 and to x8), and src on packed rows (all 8 sequences in one row,
-    block-diagonal mask)."""
+def _step_setup(model: str, cache: str, fine_tune: str) -> dict:
+    """A policy prepared as `mlx-dpo train` prepares it, its loss, and the first batch of 4 pairs of the
+    cache padded to x32 and to x8 (the same pairs), plus `make_step(loss)` -> a compiled train step."""
     from functools import partial
 
     import mlx.core as mx
@@ -57,14 +57,11 @@ def train_variants(model: str, cache: str, fine_tune: str, reps: int) -> dict:
     import mlx.optimizers as optim
 
     import mlx_dpo.trainer.train as trainer
-    from mlx_dpo.logps import plain_sequence_logps, sequence_logps
     from mlx_dpo.models import load_model
-    from mlx_dpo.packing import pack_sequences
-    from mlx_dpo.schemas.sequence import truncate_sequence
     from mlx_dpo.trainer.config import TrainConfig
     from mlx_dpo.trainer.policy import prepare_policy
     from mlx_dpo.trainer.run import open_cache
-    from mlx_dpo.trainer.stream import PairStream, iter_rows
+    from mlx_dpo.trainer.stream import PairStream
 
     cfg = TrainConfig(cache=cache, model=model, output="unused", fine_tune_type=fine_tune)
     manifest = open_cache(cache)
@@ -72,35 +69,12 @@ def train_variants(model: str, cache: str, fine_tune: str, reps: int) -> dict:
     batches = {x: next(iter(PairStream(shards, batch_size=4, max_length=manifest.max_length, pad_id=3,
                                         truncation_mode=manifest.truncation_mode, shuffle=False,
                                         pad_to_multiple=x, pad_ratio=1.0).epoch(0)))[0] for x in (32, 8)}
-    rows = {r["index"]: r for r in iter_rows(shards, None)}
-    group = [rows[int(i)] for i in batches[8].indices]
-    seqs = [truncate_sequence(r["prompt_ids"], r[k], None) for k in ("chosen_ids", "rejected_ids") for r in group]
-    total = sum(len(ids) for ids, _ in seqs)
-    packed = pack_sequences(seqs, -(-total // 8) * 8, 3)
     mx.random.seed(0)
     policy = load_model(Path(model))
     prepare_policy(policy, cfg)
     optimizer = optim.AdamW(learning_rate=1e-6)
     optimizer.init(policy.trainable_parameters())
     state = [policy.state, optimizer.state, mx.random.state]
-    loss_fn = trainer.make_loss_fn(cfg.loss_options())
-    n = 2 * len(group)
-
-    def plain_loss(model_, ids, mask, plan, *rest):
-        saved = trainer.sequence_logps
-        trainer.sequence_logps = lambda m, i, k, plan=None: plain_sequence_logps(m, i, k)
-        try:
-            return loss_fn(model_, ids, mask, plan, *rest)
-        finally:
-            trainer.sequence_logps = saved
-
-    def packed_loss(model_, ids, mask, plan, segments, *rest):
-        saved = trainer.sequence_logps
-        trainer.sequence_logps = lambda m, i, k, plan=None: sequence_logps(m, i, k, plan=plan, segments=segments, sequences=n)
-        try:
-            return loss_fn(model_, ids, mask, plan, *rest)
-        finally:
-            trainer.sequence_logps = saved
 
     def make_step(fn):
         value_and_grad = nn.value_and_grad(policy, fn)
@@ -119,6 +93,64 @@ def train_variants(model: str, cache: str, fine_tune: str, reps: int) -> dict:
     def arrays(b):
         return [mx.array(a) for a in (b.input_ids, b.completion_mask, b.plan)] + rest(b)
 
+    return dict(shards=shards, batches=batches, state=state, make_step=make_step, rest=rest, arrays=arrays,
+                loss_fn=trainer.make_loss_fn(cfg.loss_options()))
+
+
+def _interleaved(variants: dict, state, reps: int) -> tuple[dict, dict]:
+    """Run each variant's (step, arrays, ...) in turn, reps + 1 rounds (the first warms up and
+    traces); -> ({name: [seconds]}, {name: peak bytes})."""
+    import mlx.core as mx
+
+    times, peaks = {name: [] for name in variants}, {name: 0 for name in variants}
+    for rep in range(reps + 1):
+        for name, (step, args, *_) in variants.items():
+            mx.reset_peak_memory()
+            tic = time.perf_counter()
+            mx.eval(step(*args), state)
+            if rep:
+                times[name].append(time.perf_counter() - tic)
+                peaks[name] = max(peaks[name], mx.get_peak_memory())
+    return times, peaks
+
+
+def train_variants(model: str, cache: str, fine_tune: str, reps: int) -> dict:
+    """Seconds per compiled train step on one batch of 4 pairs: the plain full-logits log-probs (src
+    before #13), src (padded to x32 and to x8), and src on packed rows (all 8 sequences in one row,
+    block-diagonal mask)."""
+    import mlx.core as mx
+
+    import mlx_dpo.trainer.train as trainer
+    from mlx_dpo.logps import plain_sequence_logps, sequence_logps
+    from mlx_dpo.packing import pack_sequences
+    from mlx_dpo.schemas.sequence import truncate_sequence
+    from mlx_dpo.trainer.stream import iter_rows
+
+    run = _step_setup(model, cache, fine_tune)
+    batches, loss_fn, make_step, rest, arrays = (run[k] for k in ("batches", "loss_fn", "make_step", "rest", "arrays"))
+    rows = {r["index"]: r for r in iter_rows(run["shards"], None)}
+    group = [rows[int(i)] for i in batches[8].indices]
+    seqs = [truncate_sequence(r["prompt_ids"], r[k], None) for k in ("chosen_ids", "rejected_ids") for r in group]
+    total = sum(len(ids) for ids, _ in seqs)
+    packed = pack_sequences(seqs, -(-total // 8) * 8, 3)
+    n = 2 * len(group)
+
+    def plain_loss(model_, ids, mask, plan, *rest):
+        saved = trainer.sequence_logps
+        trainer.sequence_logps = lambda m, i, k, plan=None: plain_sequence_logps(m, i, k)
+        try:
+            return loss_fn(model_, ids, mask, plan, *rest)
+        finally:
+            trainer.sequence_logps = saved
+
+    def packed_loss(model_, ids, mask, plan, segments, *rest):
+        saved = trainer.sequence_logps
+        trainer.sequence_logps = lambda m, i, k, plan=None: sequence_logps(m, i, k, plan=plan, segments=segments, sequences=n)
+        try:
+            return loss_fn(model_, ids, mask, plan, *rest)
+        finally:
+            trainer.sequence_logps = saved
+
     p8 = batches[8]
     variants = {  # name: (step, arrays, padded tokens)
         "plain": (make_step(plain_loss), arrays(batches[32]), batches[32].input_ids.size),
@@ -127,15 +159,7 @@ def train_variants(model: str, cache: str, fine_tune: str, reps: int) -> dict:
         "packed": (make_step(packed_loss), [mx.array(packed[k]) for k in ("input_ids", "completion_mask", "plan", "segments")]
                    + rest(p8), packed["input_ids"].size),
     }
-    times, peaks = {name: [] for name in variants}, {name: 0 for name in variants}
-    for rep in range(reps + 1):
-        for name, (step, args, _) in variants.items():
-            mx.reset_peak_memory()
-            tic = time.perf_counter()
-            mx.eval(step(*args), state)
-            if rep:
-                times[name].append(time.perf_counter() - tic)
-                peaks[name] = max(peaks[name], mx.get_peak_memory())
+    times, peaks = _interleaved(variants, run["state"], reps)
     out = {"fine_tune": fine_tune, "reps": reps, "real_tokens": total}
     for name, (_, _, padded) in variants.items():
         out[f"{name}_s"] = round(min(times[name]), 3)
@@ -145,5 +169,76 @@ def train_variants(model: str, cache: str, fine_tune: str, reps: int) -> dict:
     return out
 
 
+def _autodiff_token_terms(head, hidden, targets, chunk):
+    """logps._token_terms as it was before the saved log-sum-exp (the A/B's baseline): the backward
+    recomputes a chunk's logits and takes mx.vjp of the whole forward (log-sum-exp forward and
+    backward, the target's scatter). Frozen heads only (the LoRA step)."""
+    import mlx.core as mx
+
+    from mlx_dpo.logps import _logsumexp
+
+    starts = range(0, hidden.shape[0], chunk)
+
+    def terms(h, t):
+        logits = head(h).astype(mx.float32)
+        return mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - _logsumexp(logits)
+
+    def joined(parts):
+        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    @mx.custom_function
+    def scored(hidden, targets):
+        parts = []
+        for s in starts:
+            h = hidden[s : s + chunk] if not parts else mx.depends(hidden[s : s + chunk], parts[-1])
+            parts.append(terms(h, targets[s : s + chunk]))
+        return joined(parts)
+
+    @scored.vjp
+    def scored_vjp(primals, cotangent, _):
+        hidden, targets = primals
+        grads = []
+        for s in starts:
+            h = hidden[s : s + chunk] if not grads else mx.depends(hidden[s : s + chunk], grads[-1])
+            t = targets[s : s + chunk]
+            grads.append(mx.vjp(lambda h, t=t: terms(h, t), [h], [cotangent[s : s + chunk]])[1][0])
+        return joined(grads), mx.zeros_like(targets)
+
+    return scored(hidden, targets)
+
+
+def head_variants(model: str, cache: str, reps: int, live: int | None = None) -> dict:
+    """Seconds per compiled LoRA train step (4 pairs, padded to x8): the LM head's backward by autodiff
+    of the chunk's forward (src before the saved log-sum-exp) against src's (saved log-sum-exp, one
+    softmax pass), and src with `live` in place of LIVE_CHUNK_ARRAYS (bigger chunks), if given."""
+    import mlx_dpo.logps as logps
+
+    run = _step_setup(model, cache, "lora")
+    src_terms, src_live = logps._token_terms, logps.LIVE_CHUNK_ARRAYS
+    batch = run["batches"][8]
+
+    def with_head(terms, live_arrays):
+        def loss(*args):  # the patch is in place while the compiled step traces (its first call)
+            logps._token_terms, logps.LIVE_CHUNK_ARRAYS = terms, live_arrays
+            try:
+                return run["loss_fn"](*args)
+            finally:
+                logps._token_terms, logps.LIVE_CHUNK_ARRAYS = src_terms, src_live
+        return run["make_step"](loss), run["arrays"](batch)
+
+    variants = {"autodiff": with_head(_autodiff_token_terms, src_live), "src": with_head(src_terms, src_live)}
+    if live:
+        variants["src_live"] = with_head(src_terms, live)
+    times, peaks = _interleaved(variants, run["state"], reps)
+    out = {"reps": reps, "vocab": json.loads((Path(model) / "config.json").read_text())["vocab_size"],
+           "scored_positions": int(batch.plan[2].sum()), "plan_positions": int(batch.plan.shape[1]),
+           "live": live, "src_live": src_live}
+    for name in variants:
+        out[f"{name}_s"] = round(min(times[name]), 3)
+        out[f"{name}_vs_autodiff"] = round(min(times[name]) / min(times["autodiff"]), 3)
+        out[f"{name}_peak_bytes"] = peaks[name]
+    return out
+
+
 if __name__ == "__main__":
-    task_main({f.__name__: f for f in (forward_variants, train_variants)})
+    task_main({f.__name__: f for f in (forward_variants, train_variants, head_variants)})

@@ -134,11 +134,11 @@ def chunk_positions(vocab_size: int, budget: int = LOGITS_CHUNK_BYTES) -> int:
 
     MLX's scheduler runs ahead of the computation by several ops, so the logits of one chunk, their
     exp and the next chunks' buffers are alive together: measured up to ~11 [chunk, V] float32 arrays
-    at the peak with gradients with the two-level _logsumexp (tests/trainer/test_logps_chunked.py), hence
-    LIVE_CHUNK_ARRAYS. A multiple of ROW_TILE, at least one (past the budget for V above
-    budget / (LIVE_CHUNK_ARRAYS x 4 x ROW_TILE) bytes): with a plan of whole tiles, every chunk then
-    has whole tiles, so no position's log-prob depends on where the chunk boundaries fall or on the
-    budget.
+    at the peak with an autodiff backward, ~8 with _token_terms's saved log-sum-exp
+    (tests/trainer/test_logps_chunked.py), hence LIVE_CHUNK_ARRAYS. A multiple of ROW_TILE, at least one
+    (past the budget for V above budget / (LIVE_CHUNK_ARRAYS x 4 x ROW_TILE) bytes): with a plan of whole
+    tiles, every chunk then has whole tiles, so no position's log-prob depends on where the chunk
+    boundaries fall or on the budget.
     """
     rows = budget // (LIVE_CHUNK_ARRAYS * 4 * vocab_size)
     return max(ROW_TILE, rows - rows % ROW_TILE)
