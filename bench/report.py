@@ -274,7 +274,7 @@ def _variants_table(res) -> list[str]:
                          f"{_gb(tv.get(f'{name}_peak_bytes'))} |")
     elif tv:
         lines.append(f"\nTrain step variants: not run: {tv['error']}")
-    return lines + _head_table(res)
+    return lines + _head_table(res) + _prompt_once_table(res.get("prompt_once") or {})
 
 
 def _head_table(res) -> list[str]:
@@ -291,4 +291,23 @@ def _head_table(res) -> list[str]:
             continue
         lines.append(f"| {hv['vocab']:,} | {hv['scored_positions']:,} of {hv['plan_positions']:,} | {hv['autodiff_s']:.2f} | "
                      f"{hv['src_s']:.2f} | {hv['src_vs_autodiff']:.2f}x | {_gb(hv['autodiff_peak_bytes'])} | {_gb(hv['src_peak_bytes'])} |")
+    return lines
+
+
+def _prompt_once_table(po: dict) -> list[str]:
+    """Today's prompt+answer rows against the prompt once per pair (bench/variants.py prompt_once_variants)."""
+    if not po:
+        return []
+    lines = ["", "The prompt once per pair (`mlx_dpo.prompt_once`), bench-125m, 4 pairs, both layouts at the trainer's "
+             "ladders; the forward is the no-grad pass precompute runs, on one stream:", "",
+             "| data (prompt / answer mean tokens) | fine-tuning | tokens: src / once | step s: src / once | "
+             "forward s: src / once | max abs diff of log-probs |", "|---|---|---:|---:|---:|---:|"]
+    for key, r in po.items():
+        if "error" in r:
+            lines.append(f"| {key} | | not run: {r['error']} | | | |")
+            continue
+        lines.append(f"| {key.rsplit('_', 1)[0]} ({r['prompt_mean']} / {r['response_mean']}) | {r['fine_tune']} | "
+                     f"{r['src_tokens']:,} / {r['once_tokens']:,} | {r['src_step_s']:.2f} / {r['once_step_s']:.2f} "
+                     f"({r['once_vs_src_step']:.2f}x) | {r['src_forward_s']:.2f} / {r['once_forward_s']:.2f} "
+                     f"({r['once_vs_src_forward']:.2f}x) | {r['max_abs_diff']:.1e} |")
     return lines

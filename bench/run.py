@@ -182,6 +182,12 @@ def run(mode: str, with_peers: bool, lean: bool = False) -> dict:
     for key, path, cache in (("head_variants", model, step_cache), ("head_variants_vocab", vocab_model, vocab_cache)):
         res[key] = task(f"LM head backward variants ({key})", "variants.py", "head_variants", dict(
             model=path, cache=cache, reps=m["variants_reps"] - 1))
+    answers = m["response_mean"] // 2  # prompt-heavy data: prompts 4x the answers
+    res["prompt_once"] = {
+        f"{data}_{ft}": task(f"prompt once per pair, {data} data, {ft}", "variants.py", "prompt_once_variants", dict(
+            model=model, fine_tune=ft, prompt_mean=p, response_mean=r, reps=m["variants_reps"]))
+        for data, p, r in (("bench", m["prompt_mean"], m["response_mean"]), ("prompt_heavy", 4 * answers, answers))
+        for ft in ("lora", "full")}
     return res
 
 

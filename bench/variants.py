@@ -240,5 +240,105 @@ def head_variants(model: str, cache: str, reps: int, live: int | None = None) ->
     return out
 
 
+def _id_pairs(pairs: int, prompt_mean: int, response_mean: int, vocab: int, seed: int) -> list[dict]:
+    """build.make_pairs's rows as the bench tokenizer encodes them (word w<i> is id i, <s> = 1 opens the
+    prompt): with the bench's means and seed 2, its step data."""
+    from build import make_pairs
+
+    ids = lambda text: [int(w[1:]) for w in text.split()]  # noqa: E731
+    return [dict(prompt_ids=[1, *ids(r["prompt"])], chosen_ids=ids(r["chosen"]), rejected_ids=ids(r["rejected"]))
+            for r in make_pairs(pairs, seed, prompt_mean, response_mean, vocab)]
+
+
+def prompt_once_variants(model: str, fine_tune: str, prompt_mean: int, response_mean: int, reps: int,
+                         pairs: int = 4, seed: int = 2) -> dict:
+    """Seconds per compiled train step (`fine_tune`) and per no-grad forward (what precompute runs per
+    batch, one stream) on `pairs` pairs: src's layout (prompt+answer rows) against the prompt once per
+    pair, both at the trainer's width and score ladders; and the largest difference of their log-probs."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+
+    import mlx_dpo.trainer.train as trainer
+    from mlx_dpo.logps import collate_pairs, score_plan, sequence_logps
+    from mlx_dpo.models import load_model
+    from mlx_dpo.prompt_once import collate_prompt_once
+    from mlx_dpo.shapes import SCORE_MULTIPLE, SCORE_RATIO, WIDTH_MULTIPLE, WIDTH_RATIO
+    from mlx_dpo.trainer.config import TrainConfig
+    from mlx_dpo.trainer.policy import prepare_policy
+
+    mx.random.seed(0)
+    policy = load_model(Path(model))
+    rows = _id_pairs(pairs, prompt_mean, response_mean, policy.args.vocab_size, seed)
+    ladder = dict(max_length=None, truncation_mode="keep_start", pad_id=3, pad_to_multiple=WIDTH_MULTIPLE, pad_ratio=WIDTH_RATIO)
+    ids, mask = collate_pairs(rows, **ladder)
+    once = collate_prompt_once(rows, **ladder)
+    cfg = TrainConfig(cache="unused", model=model, output="unused", fine_tune_type=fine_tune)
+    prepare_policy(policy, cfg)
+    optimizer = optim.AdamW(learning_rate=1e-6)
+    optimizer.init(policy.trainable_parameters())
+    state = [policy.state, optimizer.state, mx.random.state]
+    loss_fn = trainer.make_loss_fn(cfg.loss_options())
+    chosen_tokens = float(mask[:pairs, 1:].sum())
+    rest = [mx.zeros((pairs,)), mx.zeros((pairs,)), mx.ones((pairs,)), mx.array([1 / pairs, 1 / chosen_tokens])]
+
+    def once_loss(model_, ids_, mask_, plan, prompt_ids, prompt_mask, *rest_):  # the trainer does not take it: patched in
+        saved = trainer.sequence_logps
+        trainer.sequence_logps = lambda m, i, k, plan=None: sequence_logps(m, i, k, plan=plan, prompt=(prompt_ids, prompt_mask))
+        try:
+            return loss_fn(model_, ids_, mask_, plan, *rest_)
+        finally:
+            trainer.sequence_logps = saved
+
+    plan = lambda m: score_plan(m, SCORE_MULTIPLE, SCORE_RATIO)  # noqa: E731  as the trainer's batches
+    src_arrays = [mx.array(a) for a in (ids, mask, plan(mask))]
+    once_arrays = [mx.array(a) for a in (once["input_ids"], once["completion_mask"], plan(once["completion_mask"]))]
+    prompt = [mx.array(once[k]) for k in ("prompt_ids", "prompt_mask")]
+    variants = {  # name: (train step, its arguments, forward)
+        "src": (_compiled_step(policy, optimizer, state, loss_fn), src_arrays + rest,
+                lambda: sequence_logps(policy, *src_arrays[:2], plan=src_arrays[2])[0]),
+        "once": (_compiled_step(policy, optimizer, state, once_loss), once_arrays + prompt + rest,
+                 lambda: sequence_logps(policy, *once_arrays[:2], plan=once_arrays[2], prompt=prompt)[0]),
+    }
+    policy.eval()  # the forward as precompute runs it (no dropout); values compared at the starting weights
+    values = {name: np.array(forward()) for name, (_, _, forward) in variants.items()}
+    policy.train()
+    times = {f"{name}_{what}": [] for name in variants for what in ("step", "forward")}
+    for rep in range(reps + 1):  # rep 0 warms up (and compiles)
+        for name, (step, args, forward) in variants.items():
+            for what in ("step", "forward"):
+                tic = time.perf_counter()
+                mx.eval(step(*args), state) if what == "step" else mx.eval(forward())
+                if rep:
+                    times[f"{name}_{what}"].append(time.perf_counter() - tic)
+    out = {"fine_tune": fine_tune, "pairs": pairs, "prompt_mean": prompt_mean, "response_mean": response_mean, "reps": reps,
+           "real_tokens": int(sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)),
+           "src_tokens": int(ids.size), "once_tokens": int(once["prompt_ids"].size + once["input_ids"].size),
+           "max_abs_diff": float(np.abs(values["once"] - values["src"]).max())}
+    for key, seconds in times.items():
+        out[f"{key}_s"] = round(min(seconds), 3)
+    for what in ("step", "forward"):
+        out[f"once_vs_src_{what}"] = round(min(times[f"once_{what}"]) / min(times[f"src_{what}"]), 3)
+    return out
+
+
+def _compiled_step(policy, optimizer, state, fn):
+    """The train step as mlx_dpo.trainer.train compiles it (one micro-batch, no clipping)."""
+    from functools import partial
+
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    value_and_grad = nn.value_and_grad(policy, fn)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(*arrays):
+        (loss, _), grad = value_and_grad(policy, *arrays)
+        optimizer.update(policy, grad)
+        return loss
+
+    return step
+
+
 if __name__ == "__main__":
-    task_main({f.__name__: f for f in (forward_variants, train_variants, head_variants)})
+    task_main({f.__name__: f for f in (forward_variants, train_variants, head_variants, prompt_once_variants)})
