@@ -50,10 +50,8 @@ def forward_variants(model: str, rows: int, seq: int, reps: int) -> dict:
 def _step_setup(model: str, cache: str, fine_tune: str) -> dict:
     """A policy prepared as `mlx-dpo train` prepares it, its loss, and the first batch of 4 pairs of the
     cache padded to x32 and to x8 (the same pairs), plus `make_step(loss)` -> a compiled train step."""
-    from functools import partial
 
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
 
     import mlx_dpo.trainer.train as trainer
@@ -77,15 +75,7 @@ def _step_setup(model: str, cache: str, fine_tune: str) -> dict:
     state = [policy.state, optimizer.state, mx.random.state]
 
     def make_step(fn):
-        value_and_grad = nn.value_and_grad(policy, fn)
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def step(*arrays):
-            (loss, _), grad = value_and_grad(policy, *arrays)
-            optimizer.update(policy, grad)
-            return loss
-
-        return step
+        return _compiled_step(policy, optimizer, state, fn)
 
     def rest(b):  # reference values, pair weights, 1 / (pairs, chosen tokens)
         return [mx.array(a) for a in (b.ref_chosen_logps, b.ref_rejected_logps, b.weights, (1 / b.counts()).astype("float32"))]
