@@ -63,3 +63,58 @@ def test_overwrite_in_place_on_s3_reuses_the_old_cache(s3, tiny_model_dir, stand
                                    "--rows-per-shard", 8, "--overwrite")
     assert again.exit_code == 0, again.output
     assert f"train: 13 rows: 12 reused from {url}, 1 computed" in again.output, again.output
+
+
+def test_values_do_not_depend_on_batchmates_in_a_large_batch(tiny_model_dir, tmp_path):
+    """README (Precompute on both cores): values bit for bit whatever the other rows and --tokens-per-batch.
+    A batch of thousands of same-width sequences (over 13k positions per stream) against each alone."""
+    import mlx.core as mx
+
+    from mlx_dpo.models import load_model
+    from mlx_dpo.pipeline.reference import score_rows
+
+    rows = [{**r, "prompt": f"{i} {r['prompt']}"} for i in range(200) for r in tiny_models.standard_rows()]
+    data = tiny_models.write_jsonl(tmp_path / "many.jsonl", rows)
+    out = tmp_path / "cache"
+    tiny_models.run_cli("precompute", "--model", tiny_model_dir, "--data", data, "--out", out, "--max-length", 64,
+                        "--no-reuse", "--tokens-per-batch", 2_000_000, "--rows-per-shard", 100_000)
+    table = pq.read_table(sorted(out.glob("*/part-*.parquet"))).to_pylist()
+    sample = table[::37]
+    model = load_model(tiny_model_dir)
+    values = {}
+    for positions, columns, _ in score_rows(model, sample, max_length=64, truncation_mode="keep_start", pad_id=0,
+                                            tokens_per_batch=1, streams=[mx.new_stream(mx.cpu)]):
+        for j, i in enumerate(positions):
+            values[i] = {c: columns[c][j].item() for c in VALUES}
+    differ = [i for i, row in enumerate(sample) if values[i] != {c: row[c] for c in VALUES}]
+    assert not differ, f"{len(differ)} of {len(sample)} sampled rows differ from a forward of their own"
+
+
+def long_rows(count: int) -> list[dict]:
+    """Rows of 100-400 words per answer (sequences of 300-800 tokens of the tiny model)."""
+    import random
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat and dog ran to red blue sky sun moon star tree".split()
+    rows = []
+    for _ in range(count):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))
+        chosen, rejected = (" " + " ".join(rng.choice(words) for _ in range(rng.randint(100, 400))) for _ in range(2))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def test_step1_loss_is_ln2_on_a_long_single_row_file(tiny_model_dir, tmp_path):
+    """README: step 1 is scored when the policy still equals the reference, its loss ln 2 (within 1e-5,
+    tests/trainer/test_train.py). A one-row file whose answers are a few hundred tokens, default beta."""
+    import math
+
+    data = tiny_models.write_jsonl(tmp_path / "one.jsonl", [long_rows(2)[1]])
+    tiny_models.run_cli("precompute", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "cache",
+                        "--max-length", 1024)
+    tiny_models.run_cli("train", "--cache", tmp_path / "cache", "--model", tiny_model_dir, "--output", tmp_path / "run",
+                        "--iters", 1, "--batch-size", 1, "--steps-per-report", 1, "--steps-per-eval", 1000,
+                        "--steps-per-save", 1000)
+    first = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")
+             if json.loads(line).get("split") == "train"][0]
+    assert abs(first["loss"] - math.log(2)) <= 1e-5, first
