@@ -118,3 +118,29 @@ def test_step1_loss_is_ln2_on_a_long_single_row_file(tiny_model_dir, tmp_path):
     first = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")
              if json.loads(line).get("split") == "train"][0]
     assert abs(first["loss"] - math.log(2)) <= 1e-5, first
+
+
+def test_a_swap_cut_short_in_s3_staging_does_not_hide_the_remote_cache(s3, tiny_model_dir, standard_data,  # noqa: F811
+                                                                        tmp_path):
+    """README (--overwrite): killed during the swap, the next precompute finishes it; before the upload
+    the bucket still holds the old cache, whole. A `precompute --out s3://... --overwrite` killed right after
+    its swap record was written (the state test_overwrite's _cut_swap builds, in the staging directory),
+    then the old command again: the bucket's cache has its identity, so it should be reused."""
+    import shutil
+
+    from mlx_dpo.pipeline import remote
+
+    url = f"s3://{BUCKET}/caches/break14-cut"
+    old = ["precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", url, "--max-length", 40]
+    first = tiny_models.invoke_cli(*old)
+    assert first.exit_code == 0, first.output
+    new = tmp_path / "new"  # the rebuild's complete cache (other --max-length)
+    built = tiny_models.invoke_cli("precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", new,
+                                   "--max-length", 24, "--no-reuse")
+    assert built.exit_code == 0, built.output
+    work = remote.staging_dir(url) / ".mlx-dpo-rebuild"
+    shutil.copytree(new, work, ignore=shutil.ignore_patterns(".*"))
+    files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file() and p.name != "manifest.json")
+    (work / "swap.json").write_text(json.dumps({"files": files + ["manifest.json"]}))
+    again = tiny_models.invoke_cli(*old)
+    assert again.exit_code == 0, again.output
