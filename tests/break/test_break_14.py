@@ -144,3 +144,38 @@ def test_a_swap_cut_short_in_s3_staging_does_not_hide_the_remote_cache(s3, tiny_
     (work / "swap.json").write_text(json.dumps({"files": files + ["manifest.json"]}))
     again = tiny_models.invoke_cli(*old)
     assert again.exit_code == 0, again.output
+
+
+def test_values_do_not_depend_on_batchmates_in_bfloat16(tiny_model_dir, tmp_path):
+    """README (Precompute on both cores): values bit for bit whatever the other rows, their order and
+    --tokens-per-batch; `precompute --dtype bfloat16` (a documented choice; bf16 matmuls do not use BLAS)."""
+    rows = long_rows(24)
+    caches = {}
+    for name, data_rows, extra in (("alone", rows[:8], ["--tokens-per-batch", 1]),
+                                   ("together", rows[::-1], ["--tokens-per-batch", 1_000_000])):
+        data = tiny_models.write_jsonl(tmp_path / f"{name}.jsonl", data_rows)
+        out = tmp_path / name / "cache"
+        tiny_models.run_cli("precompute", "--model", tiny_model_dir, "--data", data, "--out", out, "--max-length",
+                            1024, "--no-reuse", "--dtype", "bfloat16", *extra)
+        caches[name] = cached(out)
+    differ = [k for k, v in caches["alone"].items() if caches["together"][k] != v]
+    assert not differ, f"{len(differ)} of {len(caches['alone'])} rows differ"
+
+
+def test_overwrite_repairs_a_cache_whose_shard_became_a_folder(tiny_model_dir, standard_data, tmp_path):
+    """README: --overwrite 'rebuilds ... (the repair `cache verify` recommends)', and readers name 'a shard
+    that is a folder'. A cache whose train/part-00000.parquet is a folder: the rebuild crashes in its swap
+    (IsADirectoryError) after removing the old manifest, and every later precompute of the folder hits the
+    same swap first, so no command repairs it."""
+    cache = tmp_path / "cache"
+    args = ["precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", cache, "--max-length", 40,
+            "--rows-per-shard", 4]
+    tiny_models.run_cli(*args)
+    shard = sorted((cache / "train").glob("part-*.parquet"))[0]
+    shard.unlink()
+    shard.mkdir()
+    (shard / "stray").write_text("x")
+    result = tiny_models.invoke_cli(*args, "--overwrite", catch_exceptions=True)
+    assert result.exit_code == 0, (result.output, repr(result.exception))
+    verify = tiny_models.invoke_cli("cache", "verify", cache)
+    assert verify.exit_code == 0, verify.output
