@@ -94,9 +94,9 @@ def test_step1_loss_is_ln2_on_a_long_single_row_file(tiny_model_dir, tmp_path):
 
 
 def test_a_swap_cut_short_in_s3_staging_does_not_hide_the_remote_cache(
-    s3,
+    s3,  # noqa: F811
     tiny_model_dir,
-    standard_data,  # noqa: F811
+    standard_data,
     tmp_path,
 ):
     """README (--overwrite): killed during the swap, the next precompute finishes it; before the upload
