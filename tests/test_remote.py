@@ -245,3 +245,44 @@ def test_a_missing_or_damaged_remote_reuse_source_is_named_and_not_used(s3, uplo
     assert len(line) == 1 and reason in line[0], result.output
     assert "reused from" not in result.output and (tmp_path / "b" / "c" / "manifest.json").is_file()
     assert tiny_models.invoke_cli("cache", "verify", tmp_path / "b" / "c").exit_code == 0
+
+
+def test_overwrite_in_place_reuses_the_old_remote_cache(s3, uploaded, tiny_model_dir, tmp_path):
+    """As for a local --out (README, reuse): `--out URL --overwrite` reads and verifies the old cache at
+    the URL (from the bucket, sha256 on the way) as a source, so only the new rows run through the model."""
+    url = copy_cache(s3, "overwrite")
+    forget_local()
+    new = [{"prompt": "Name a colour:", "chosen": " blue.", "rejected": " seven."}]
+    data = tiny_models.write_jsonl(tmp_path / "more.jsonl", tiny_models.standard_rows() + new)
+    result = run("precompute", "--model", tiny_model_dir, "--data", data, "--out", url, "--rows-per-shard", 8,
+                 "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert f"train: 13 rows: 12 reused from {url}, 1 computed" in result.output, result.output
+    forget_local()
+    assert run("cache", "verify", url).exit_code == 0
+    assert json.loads(objects(s3, "caches/overwrite")["manifest.json"])["splits"]["train"]["rows_in"] == 13
+
+
+def test_a_swap_cut_short_in_staging_does_not_hide_the_remote_cache(s3, tiny_model_dir, standard_data, tmp_path):
+    """A `precompute --out URL --overwrite` killed during its swap in the local staging directory (the state
+    test_overwrite's _cut_swap builds there): the bucket still holds the old cache, whole, so the old command
+    again reuses it (the staging copy of a rebuild never uploaded does not speak for the URL), and the new
+    command with --overwrite then uploads the new cache."""
+    url = f"s3://{BUCKET}/caches/cut"
+    old = ["precompute", "--model", tiny_model_dir, "--data", standard_data, "--out", url, "--max-length", 40]
+    assert run(*old).exit_code == 0
+    before = objects(s3, "caches/cut")
+    new = ["precompute", "--model", tiny_model_dir, "--data", standard_data, "--max-length", 24]
+    assert run(*new, "--out", tmp_path / "new", "--no-reuse").exit_code == 0
+    work = remote.staging_dir(url) / ".mlx-dpo-rebuild"
+    shutil.copytree(tmp_path / "new", work, ignore=shutil.ignore_patterns(".*"))
+    files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file() and p.name != "manifest.json")
+    (work / "swap.json").write_text(json.dumps({"files": files + ["manifest.json"]}))
+    again = run(*old)
+    assert again.exit_code == 0 and f"Reusing cache {url}" in again.output, again.output
+    assert objects(s3, "caches/cut") == before
+    rebuilt = run(*new, "--out", url, "--overwrite")
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert json.loads(objects(s3, "caches/cut")["manifest.json"])["max_length"] == 24
+    forget_local()
+    assert run("cache", "verify", url).exit_code == 0

@@ -178,3 +178,39 @@ def test_shard_jobs_rebuild_beside_the_old_output_too(cache, tiny_model_dir, man
     result = run("cache", "merge", tmp_path / "merged", *parts)
     assert result.exit_code == 0, result.output
     assert_verifies(tmp_path / "merged")
+
+
+@pytest.mark.parametrize("path", ["train/part-00000.parquet", "train/part-00001.rejects.jsonl", "rejects.jsonl",
+                                  "last shard"])
+def test_overwrite_repairs_a_cache_whose_file_became_a_folder(cache, built, tiny_model_dir, many_rows, path):
+    """--overwrite is the repair `cache verify` recommends: a cache file's path that is a folder (one the new
+    cache has, or, "last shard", one the new plan of fewer shards drops) is removed by the swap, which neither
+    crashes half way nor leaves a folder no precompute repairs."""
+    folder = sorted((cache / "train").glob("part-*.parquet"))[-1] if path == "last shard" else cache / path
+    folder.unlink()
+    folder.mkdir()
+    (folder / "stray").write_text("x")
+    if path != "train/part-00001.rejects.jsonl":  # a shard's sidecar is precompute's resume mark, not verified
+        assert run("cache", "verify", cache).exit_code == 1
+    result = run(*args(tiny_model_dir, many_rows, cache, NEW, "--overwrite"))
+    assert result.exit_code == 0, (result.output, repr(result.exception))
+    assert_verifies(cache)
+    assert not folder.is_dir() and (cache / "notes.txt").read_text() == "mine" and not (cache / REBUILD).exists()
+    again = run(*args(tiny_model_dir, many_rows, cache, NEW))
+    assert again.exit_code == 0 and "Reusing cache" in again.output, again.output
+
+
+def test_a_swap_that_cannot_finish_is_refused_before_the_old_manifest_goes(cache, built, tiny_model_dir, many_rows):
+    """A split folder that is a file: the rebuild is refused in one line naming it, before anything of
+    the old one is removed; each later precompute says so too, and once it is removed the swap finishes."""
+    shutil.rmtree(cache / "train")
+    (cache / "train").write_text("x")
+    manifest = (cache / "manifest.json").read_bytes()
+    result = run(*args(tiny_model_dir, many_rows, cache, NEW, "--overwrite"))
+    assert result.exit_code == 1, result.output
+    assert f"{cache / 'train'}: not a folder, where the rebuilt cache's train/" in result.output, result.output
+    assert "Traceback" not in result.output and (cache / "manifest.json").read_bytes() == manifest
+    (cache / "train").unlink()
+    result = run(*args(tiny_model_dir, many_rows, cache, NEW, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert_verifies(cache)

@@ -17,7 +17,7 @@ from ..distributed import barrier, world
 from ..errors import UserError
 from ..models import checked_model_path, compute_dtype, load_tokenizer
 from ..schemas import Manifest, describe_difference, identity_hash, read_manifest, ref_logps_schema
-from ..schemas.atomic import make_dirs
+from ..schemas.atomic import atomic_path, make_dirs
 from ..schemas.manifest import MANIFEST_NAME, refuse_links
 from ..schemas.sequence import rejected_id_lists
 from ..schemas.verify import check_cache
@@ -69,6 +69,16 @@ def _check_existing(out: Path, identity: str, fields: dict, overwrite: bool, sta
     elif stale:
         raise UserError(f"{out}: holds partial shards of other inputs ({stale[0]}); use another --out or --overwrite")
     return None
+
+
+def _seed_staging(out: Path, seed: bytes | None) -> None:
+    """Place the remote manifest in the staging directory, or remove any there (a manifest left by a
+    reuse or a local swap marks no shards here; complete shards are resumed past)."""
+    if seed is None:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
+    else:
+        with atomic_path(out / MANIFEST_NAME) as tmp:
+            tmp.write_bytes(seed)
 
 
 def _refuse_links(out: Path) -> None:
@@ -145,9 +155,10 @@ class _Run:
     log: object
 
 
-def precompute(cfg: PrecomputeConfig, log=print, *, staging: bool = False) -> Manifest:
+def precompute(cfg: PrecomputeConfig, log=print, *, staging: bool = False, seed: bytes | None = None) -> Manifest:
     """Build (or reuse, or resume) the reference cache described by `cfg`; returns its manifest.
-    `staging`: `cfg.out` is remote.py's staging directory for an upload."""
+    `staging`: `cfg.out` is remote.py's staging directory for an upload; `seed`: the remote manifest's
+    bytes, placed there as its manifest (None: the staging directory keeps none)."""
     out = Path(cfg.out)
     sources, eval_name = select_sources(load_splits(cfg.data), cfg)
     model_path = checked_model_path(cfg.model)
@@ -160,7 +171,7 @@ def precompute(cfg: PrecomputeConfig, log=print, *, staging: bool = False) -> Ma
     workers, worker, group = _work_split(cfg)
     # One lock per cache directory: under mlx.launch rank 0 holds it for all ranks.
     with cache_lock(out) if worker == 0 or group is None else nullcontext():
-        return _build(run, input_splits, staging, workers, worker, group)
+        return _build(run, input_splits, staging, workers, worker, group, seed)
 
 
 def _work_split(cfg: PrecomputeConfig):
@@ -173,7 +184,7 @@ def _work_split(cfg: PrecomputeConfig):
     return (group.size(), group.rank(), group) if group.size() > 1 else (1, 0, None)
 
 
-def _build(run: _Run, input_splits: dict, staging: bool, workers: int, worker: int, group):
+def _build(run: _Run, input_splits: dict, staging: bool, workers: int, worker: int, group, seed: bytes | None):
     """Everything that writes into `out`: this worker's shards, then (by the last one) the manifest.
     With --overwrite they are written to `work` (pipeline/rebuild.py) and swapped in when complete."""
     cfg, out, identity = run.cfg, run.out, run.identity
@@ -182,6 +193,8 @@ def _build(run: _Run, input_splits: dict, staging: bool, workers: int, worker: i
     if worker == 0 or group is None:
         _refuse_links(out)
         finish_swap(out)  # a rebuild killed while swapping in: first finish it
+        if staging:  # after the swap: the bucket, not a local rebuild never uploaded, says what OUT holds
+            _seed_staging(out, seed)
         if (existing := _check_existing(out, identity, run.fields, cfg.overwrite, staging)) is None:
             for tmp in temp_files(out):  # of a writer that died: we hold the lock, no one else writes
                 tmp.unlink(missing_ok=True)

@@ -10,7 +10,8 @@ its finished shards for the next `--overwrite` to resume. The swap, once the new
 3. the old cache's files the new one lacks removed, the new ones renamed in, the manifest last.
 
 A process killed during the swap leaves the record; the next precompute of OUT finishes the swap
-before anything else. Files in OUT that are not the cache's own (schemas.manifest's layout) stay.
+before anything else. A folder at a cache file's path is removed; what would stop a rename (a split
+folder that is a file or a link) is refused, in one line, before the old manifest goes. Files in OUT that are not the cache's own (schemas.manifest's layout) stay.
 """
 
 import json
@@ -65,31 +66,68 @@ def swap_in(out: Path) -> None:
     work = rebuild_dir(out)
     commit = MANIFEST_NAME if (work / MANIFEST_NAME).is_file() else PARTIAL_NAME
     files = sorted(p.relative_to(work).as_posix() for p in layout_files(work) if p.name != commit)
+    _check_targets(out, files + [commit])  # before the record: a swap that cannot finish never starts
     write_json_atomic(work / SWAP_RECORD, {"files": files + [commit]})
     finish_swap(out)
 
 
+def _check_targets(out: Path, files: list[str]) -> None:
+    """Refuse, before anything is removed, a swap whose renames would fail or leave OUT: a folder on the
+    way to a new file that is not a folder (a file, a link). A cache file's path that is a folder is no
+    obstacle: _remove removes it."""
+    for name in files:
+        target = out / name
+        for folder in reversed(target.relative_to(out).parents[:-1]):  # e.g. OUT/train
+            path = out / folder
+            if path.is_symlink() or (path.exists() and not path.is_dir()):
+                raise UserError(f"{path}: not a folder, where the rebuilt cache's {name} goes; remove it and "
+                                f"rerun precompute --out {out}")
+
+
+def _remove(path: Path) -> None:
+    """Remove what is at a cache file's path, a folder too (a cache file replaced by hand): the path is
+    the cache's, and the swap puts a file there or none. A link is removed, never followed."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+        fsync_dir(path.parent)
+    path.unlink(missing_ok=True)
+
+
 def finish_swap(out: Path) -> bool:
     """Complete a swap whose record is in rebuild_dir(out) (all of it, or what a killed process left);
-    True if there was one. Each step can be repeated, so a crash here is finished by the next call."""
+    True if there was one. Each step can be repeated, so a crash here is finished by the next call.
+    Raises UserError (one line naming the path) if OUT's state stops it; nothing is removed then."""
     work = rebuild_dir(out)
     if not (work / SWAP_RECORD).is_file() or work.is_symlink():
         return False
     files = json.loads((work / SWAP_RECORD).read_text())["files"]
+    _check_targets(out, files)
+    try:
+        _swap(out, work, files)
+    except OSError as error:  # e.g. permissions: the next precompute of OUT resumes the swap
+        where = error.filename or work
+        raise UserError(f"{where}: {error.strerror or error}: the swap of the rebuilt cache in {work} into {out} "
+                        f"stopped; fix that and rerun precompute --out {out} to finish it") from error
+    return True
+
+
+def _swap(out: Path, work: Path, files: list[str]) -> None:
     if (work / files[-1]).is_file():  # the new manifest is not in yet: OUT's is the old cache's
         for name in (MANIFEST_NAME, PARTIAL_NAME):
-            (out / name).unlink(missing_ok=True)
+            _remove(out / name)
         fsync_dir(out)
     keep = set(files)
-    for path in layout_files(out) + temp_files(out):
+    for path in layout_files(out, any_kind=True) + temp_files(out):
         if path.relative_to(out).as_posix() not in keep:
-            path.unlink()
+            _remove(path)
     for name in files:
         if name == files[-1]:  # every other rename is durable before the manifest's
             for folder in [out] + [out / split for split in CACHE_SPLITS if (out / split).is_dir()]:
                 fsync_dir(folder)
         if (work / name).is_file():
             make_dirs((out / name).parent)
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                _remove(out / name)
             os.replace(work / name, out / name)
     fsync_dir(out)
     for split in CACHE_SPLITS:  # a split the old cache had and the new one lacks
@@ -97,4 +135,3 @@ def finish_swap(out: Path) -> bool:
             (out / split).rmdir()
     shutil.rmtree(work)  # our own folder: the record, emptied split folders
     fsync_dir(out)
-    return True

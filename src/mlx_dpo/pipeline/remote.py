@@ -184,16 +184,13 @@ def precompute_remote(cfg, build: Callable, log: Callable[[str], None] = print) 
         found = _read_manifest(fs, base, url)
     # A copy of the remote manifest lets precompute compare identities without computing: it reuses
     # the cache or refuses other inputs. Without one, the staging directory is ours to clear or resume.
+    # precompute places it under the staging lock, after finishing a local swap a killed run left.
     seeded = found is not None and not cfg.overwrite
-    stage.mkdir(parents=True, exist_ok=True)
-    if seeded:
-        with atomic_path(stage / MANIFEST_NAME) as tmp:
-            tmp.write_bytes(found[1])
-    else:  # a manifest left by a reuse marks no shards here; complete shards are resumed past
-        (stage / MANIFEST_NAME).unlink(missing_ok=True)
+    if cfg.overwrite and found is not None and not cfg.no_reuse:  # rebuilding in place: the old cache is
+        cfg = dataclasses.replace(cfg, reuse_from=(url, *cfg.reuse_from))  # a source, fetched and verified
     try:
         manifest = build(dataclasses.replace(cfg, out=str(stage)), log=lambda line: log(line.replace(str(stage), url)),
-                         staging=True)
+                         staging=True, seed=found[1] if seeded else None)
     except UserError as error:  # "<staging>: holds a cache of other inputs" is about the URL
         raise UserError(error.message.replace(str(stage), url)) from error
     with _storage_errors(url):

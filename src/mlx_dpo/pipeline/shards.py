@@ -87,13 +87,17 @@ def read_sidecar(path: Path) -> tuple[tuple[str, dict] | None, list[dict]]:
         return None, []
 
 
-def layout_files(out: Path) -> list[Path]:
+def layout_files(out: Path, any_kind: bool = False) -> list[Path]:
     """The cache's own files in `out`: manifest, rejects, partial record and <split>/part-NNNNN.*
-    of the cache's splits. Anything else in the folder is not ours to touch."""
-    files = [out / name for name in (MANIFEST_NAME, REJECTS_NAME, PARTIAL_NAME) if (out / name).is_file()]
+    of the cache's splits. Anything else in the folder is not ours to touch. `any_kind`: also what
+    is at those paths but is not a regular file (a folder, a link)."""
+    def ours(path: Path) -> bool:
+        return path.is_file() or (any_kind and (path.exists() or path.is_symlink()))
+
+    files = [out / name for name in (MANIFEST_NAME, REJECTS_NAME, PARTIAL_NAME) if ours(out / name)]
     for split in CACHE_SPLITS:
         if (out / split).is_dir() and not (out / split).is_symlink():
-            files += sorted(p for p in (out / split).iterdir() if _SPLIT_FILE.fullmatch(p.name) and p.is_file())
+            files += sorted(p for p in (out / split).iterdir() if _SPLIT_FILE.fullmatch(p.name) and ours(p))
     return files
 
 
