@@ -102,9 +102,11 @@ def layout_files(out: Path, any_kind: bool = False) -> list[Path]:
 
 
 def temp_files(out: Path) -> list[Path]:
-    """Half-written files of our atomic writes (a writer killed mid-write leaves them)."""
+    """Half-written files of our atomic writes (a writer killed mid-write leaves them); a folder of
+    such a name is not one, and stays."""
     folders = [out] + [out / split for split in CACHE_SPLITS if (out / split).is_dir()]
-    return [p for folder in folders for p in folder.iterdir() if _TEMP_FILE.fullmatch(p.name)]
+    return [p for folder in folders for p in folder.iterdir()
+            if _TEMP_FILE.fullmatch(p.name) and (p.is_symlink() or not p.is_dir())]
 
 
 def clear_layout(out: Path) -> None:
