@@ -9,6 +9,8 @@
 | K rejected      | rejected: a list of strings, or a list of message lists                        |
 Messages may carry OpenAI-style tool calls (assistant `tool_calls`, `tool` messages; ShareGPT
 `function_call`/`observation`): they go to the chat template as written, but for "" as a tool call's text.
+A row with any {from, value} message must keep LLaMA-Factory's turn order (turns.py); {role, content} rows,
+as in TRL, need none.
 Column names are configurable; an optional system column becomes a system message (or, for
 plain-text prompts, a first paragraph). Optional `tools` (a list, or its JSON text) and
 `chat_template_kwargs` (an object) columns go to the chat template as TRL passes them.
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 from .config import RESERVED_TEMPLATE_ARGUMENTS
 from .encode import RowRejected, is_conversational, is_several
+from .turns import Turns, check_answer, check_prompt
 
 # ShareGPT / LLaMA-Factory speaker names (its default tags) -> chat-template roles; a function_call becomes
 # an assistant message with tool_calls, an observation (the tool's result) a tool message.
@@ -90,6 +93,34 @@ def as_messages(value):
     if isinstance(value, list) and value and all(_is_message(m) for m in value):
         return [_message(m) for m in value], any(m.get("from") is not None for m in value)
     return value, False
+
+
+def _written(name: str, value) -> Turns | None:
+    """A message object or list as written, each message labelled by its place (`chosen`, `chosen[1]`);
+    None for anything else."""
+    if _is_message(value):
+        return [(name, value)]
+    if isinstance(value, list) and value and all(_is_message(m) for m in value):
+        return [(f"{name}[{i}]", m) for i, m in enumerate(value)]
+    return None
+
+
+def check_sharegpt_turns(raw: dict, fields: Fields, prompt_length: int) -> None:
+    """LLaMA-Factory's turn order (turns.py) on a ShareGPT row's messages as written; `prompt_length`: the
+    messages of an implicit prompt (split off chosen and rejected). Raises RowRejected naming the turn."""
+    chosen, rejected = _written(fields.chosen, raw[fields.chosen]), _written(fields.rejected, raw[fields.rejected])
+    if fields.prompt is None:
+        name, prompt = fields.chosen, chosen and chosen[:prompt_length]
+        answers = [chosen and chosen[prompt_length:], rejected and rejected[prompt_length:]]
+    else:
+        name, prompt, answers = fields.prompt, _written(fields.prompt, raw[fields.prompt]), [chosen, rejected]
+        if rejected is None and isinstance(raw[fields.rejected], list):  # K answers
+            answers[1:] = [_written(f"{fields.rejected}[{k}]", a) for k, a in enumerate(raw[fields.rejected])]
+    if prompt is not None:  # plain text mixed with messages: encode rejects the row
+        check_prompt(name, prompt)
+    for answer in answers:
+        if answer:
+            check_answer(answer)
 
 
 def _json(value, name: str):
@@ -183,6 +214,8 @@ def normalize(raw: dict, fields: Fields) -> tuple[dict, str]:
         prompt, sharegpt = as_messages(raw[fields.prompt])
         sharegpt = sharegpt or sharegpt_chosen or sharegpt_rejected
         kind = "conversational" if is_conversational(prompt) else "standard"
+    if sharegpt:
+        check_sharegpt_turns(raw, fields, len(prompt) if isinstance(prompt, list) else 0)
     kind = "sharegpt" if sharegpt else kind
     tools, kwargs = row_template_options(raw, fields)
     row = {"prompt": _add_system(prompt, raw.get(fields.system) if fields.system else None),
