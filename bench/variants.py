@@ -1,7 +1,8 @@
 """Layouts of the log-prob pass measured against each other in one process, runs interleaved
 (A, B, C, A, B, C, ...) so the machine's changing load hits every variant alike.
 
-forward_variants: the precompute forward (no gradient); train_variants: the compiled train step.
+forward_variants: the precompute forward (no gradient); rounds_variants: precompute's forwards on a small
+file, a batch per forward or in rounds; train_variants: the compiled train step.
 `python bench/variants.py TASK '{spec}'`.
 """
 
@@ -312,6 +313,60 @@ def prompt_once_variants(model: str, fine_tune: str, prompt_mean: int, response_
     return out
 
 
+def rounds_variants(model: str, reps: int, pairs: int = 4, prompt_mean: int = 64, response_mean: int = 128,
+                    words: int = 32000, tokens_per_batch: int = 8192) -> dict:
+    """Tokens/s of precompute's forwards (score_rows, all CPU streams) on the bench's `pairs` step pairs:
+    a width batch per forward (src before rounds: a one-row batch runs on one stream) against rounds
+    (pipeline.reference.forward_rounds: several batches' parts per forward, a stream each). Their
+    values must agree bit for bit; peak bytes are of the whole run (weights included)."""
+    import mlx.core as mx
+    import numpy as np
+
+    import mlx_dpo.pipeline.reference as reference
+    from mlx_dpo.models import load_model
+
+    m = load_model(Path(model))
+    m.eval()
+    rows = _id_pairs(pairs, prompt_mean, response_mean, words, seed=2)
+    src_rounds = reference.forward_rounds
+
+    def batch_rounds(widths, tokens_per_batch_, streams):  # src before rounds: one batch per forward
+        return [[p.tolist() for p in np.array_split(np.array(b), min(streams, len(b)))]
+                for b in reference.width_batches(widths, tokens_per_batch_)]
+
+    def run(schedule):
+        reference.forward_rounds = schedule
+        try:
+            return list(reference.score_rows(m, rows, max_length=None, truncation_mode="keep_start", pad_id=3,
+                                             tokens_per_batch=tokens_per_batch))
+        finally:
+            reference.forward_rounds = src_rounds
+
+    variants = {"batches": batch_rounds, "rounds": src_rounds}
+    times, peaks, values, forwards = {name: [] for name in variants}, dict.fromkeys(variants, 0), {}, {}
+    for rep in range(reps + 1):  # rep 0 warms up
+        for name, schedule in variants.items():
+            mx.reset_peak_memory()
+            tic = time.perf_counter()
+            out = run(schedule)
+            if rep:
+                times[name].append(time.perf_counter() - tic)
+                peaks[name] = max(peaks[name], mx.get_peak_memory())
+            forwards[name] = len(out)
+            values[name] = {(i, k): v[j].tobytes() for done, columns, _ in out for j, i in enumerate(done)
+                            for k, v in columns.items()}
+    tokens = sum(t for _, _, t in out)
+    result = {"pairs": pairs, "tokens": tokens, "reps": reps, "streams": len(reference.forward_streams()),
+              "values_equal": values["batches"] == values["rounds"]}
+    for name in variants:
+        result[f"{name}_forwards"] = forwards[name]
+        result[f"{name}_s"] = round(min(times[name]), 3)
+        result[f"{name}_tokens_per_s"] = round(tokens / min(times[name]), 1)
+        result[f"{name}_peak_bytes"] = peaks[name]
+    result["rounds_vs_batches_tokens_per_s"] = round(min(times["batches"]) / min(times["rounds"]), 3)
+    return result
+
+
 def _compiled_step(policy, optimizer, state, fn):
     """The train step as mlx_dpo.trainer.train compiles it (one micro-batch, no clipping)."""
     from functools import partial
@@ -331,4 +386,5 @@ def _compiled_step(policy, optimizer, state, fn):
 
 
 if __name__ == "__main__":
-    task_main({f.__name__: f for f in (forward_variants, train_variants, head_variants, prompt_once_variants)})
+    task_main({f.__name__: f for f in (forward_variants, train_variants, head_variants, prompt_once_variants,
+                                        rounds_variants)})

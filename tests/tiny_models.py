@@ -150,6 +150,18 @@ def conversational_rows() -> list[dict]:
     ]
 
 
+def small_file_ids(vocab: int) -> list[dict]:
+    """4 encoded pairs (prompt_ids, chosen_ids, rejected_ids) whose 8 sequences have 8 lengths, 12, 24,
+    ..., 96 tokens (chosen of pair i: 24i + 12, rejected: 24i + 24), so 8 precompute widths: a small
+    file, where no two sequences share a batch (the bench's 4 step pairs: 6 widths, 5 of one sequence)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    shapes = [(6, 6, 18), (10, 26, 38), (20, 40, 52), (30, 54, 66)]  # prompt, chosen, rejected tokens
+    return [{key: rng.integers(5, vocab, n).tolist() for key, n in zip(("prompt_ids", "chosen_ids", "rejected_ids"), shape)}
+            for shape in shapes]
+
+
 def write_jsonl(path, rows) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

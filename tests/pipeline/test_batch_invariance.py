@@ -6,11 +6,12 @@ CPU streams, or the other answers of its row. So a reused row equals a fresh pre
 import json
 
 import mlx.core as mx
+import numpy as np
 import pyarrow.parquet as pq
 
 import tiny_models
 from mlx_dpo.models import load_model
-from mlx_dpo.pipeline.reference import score_rows
+from mlx_dpo.pipeline.reference import batch_logps, score_rows, sequence_width
 
 VALUES = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tail_logps", "ref_rejected_tail_logps",
           "n_chosen_tokens", "n_rejected_tokens")
@@ -74,3 +75,29 @@ def test_values_do_not_depend_on_streams_or_the_other_answers_of_a_row(tiny_mode
             assert columns["ref_chosen_logps"][j].item() == row["ref_chosen_logps"]
             assert columns["ref_rejected_logps"][j].tolist() == [row["ref_rejected_logps"], row["ref_chosen_logps"]]
             assert columns["n_rejected_tokens"][j].tolist() == [row["n_rejected_tokens"], row["n_chosen_tokens"]]
+
+
+def test_a_small_file_on_two_streams_equals_each_sequence_scored_alone(tiny_model_dir):
+    """The bench's case: 4 pairs whose 8 sequences have 8 widths, so each forward on two streams holds
+    sequences of two widths (pipeline.reference.forward_rounds). Each sequence's values equal a forward
+    of it alone, one row on one stream, bit for bit."""
+    model = load_model(tiny_model_dir)
+    rows = tiny_models.small_file_ids(model.args.vocab_size)
+    streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    settings = dict(max_length=None, truncation_mode="keep_start", pad_id=0, tokens_per_batch=8192)
+    values = {}
+    for positions, columns, _ in score_rows(model, rows, streams=streams, **settings):
+        for j, i in enumerate(positions):
+            values[i] = {c: columns[c][j].item() for c in VALUES}
+    for i, row in enumerate(rows):
+        answers = {"chosen": row["chosen_ids"], "rejected": row["rejected_ids"]}
+        shared = np.array([min(len(a) for a in answers.values())], np.int32)  # LD-DPO: the shorter answer
+        for name, answer in answers.items():
+            ids = row["prompt_ids"] + answer
+            input_ids = np.zeros((1, sequence_width(len(ids))), np.int32)
+            input_ids[0, : len(ids)] = ids
+            mask = np.zeros_like(input_ids)
+            mask[0, len(row["prompt_ids"]) : len(ids)] = 1
+            alone = batch_logps(model, input_ids, mask, shared, streams=[None])
+            got = [values[i][f"ref_{name}_logps"], values[i][f"n_{name}_tokens"], values[i][f"ref_{name}_tail_logps"]]
+            assert got == [a[0].item() for a in alone], (i, name)
