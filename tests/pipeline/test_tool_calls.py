@@ -82,7 +82,7 @@ def trl_ids(tokenizer, row):
 
 
 @pytest.mark.parametrize("name", ROWS)
-def test_tool_calls_are_tokenized_as_trl_does(name, qwen3_model, tmp_path):
+def test_tool_calls_are_tokenized_as_trl_does(name, qwen3_model, tmp_path):  # noqa: F811  (the fixture)
     from transformers import AutoTokenizer
 
     rows = ROWS[name]
@@ -99,7 +99,7 @@ def test_tool_calls_are_tokenized_as_trl_does(name, qwen3_model, tmp_path):
     assert '"arguments": {"city": "Lima"}}' in text and "null" not in text
 
 
-def test_null_content_next_to_tool_calls_is_given_as_an_empty_string(qwen3_model):
+def test_null_content_next_to_tool_calls_is_given_as_an_empty_string(qwen3_model):  # noqa: F811  (the fixture)
     """Why: Qwen3's template reads the content of every assistant message, and transformers drops null keys, so
     TRL's own tokenization of the row as written fails; the same conversation with content "" renders."""
     from transformers import AutoTokenizer
