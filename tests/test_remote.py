@@ -101,10 +101,10 @@ def objects(fs, prefix: str) -> dict[str, bytes]:
     return found
 
 
-def copy_cache(fs, name: str) -> str:
-    """A copy of the uploaded cache under caches/<name>, to damage."""
-    for relative in objects(fs, "caches/c1"):
-        fs.copy_file(f"{BUCKET}/caches/c1/{relative}", f"{BUCKET}/caches/{name}/{relative}")
+def copy_cache(fs, name: str, source: str = "caches/c1") -> str:
+    """A copy of the uploaded cache (or of `source`'s objects) under caches/<name>, to damage."""
+    for relative in objects(fs, source):
+        fs.copy_file(f"{BUCKET}/{source}/{relative}", f"{BUCKET}/caches/{name}/{relative}")
     return f"s3://{BUCKET}/caches/{name}"
 
 
@@ -284,5 +284,90 @@ def test_a_swap_cut_short_in_staging_does_not_hide_the_remote_cache(s3, tiny_mod
     rebuilt = run(*new, "--out", url, "--overwrite")
     assert rebuilt.exit_code == 0, rebuilt.output
     assert json.loads(objects(s3, "caches/cut")["manifest.json"])["max_length"] == 24
+    forget_local()
+    assert run("cache", "verify", url).exit_code == 0
+
+
+ONE_SHARD = ["manifest.json", "rejects.jsonl", "train/part-00000.parquet", "train/part-00000.rejects.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def many_shards(s3, tiny_model_dir, standard_data):
+    """caches/many: 4 train and 2 valid shards; and the precompute command (no --out) of 1 train shard."""
+    base = ["precompute", "--model", tiny_model_dir, "--data", standard_data]
+    result = run(*base, "--out", f"s3://{BUCKET}/caches/many", "--rows-per-shard", 2, "--valid-fraction", 0.3)
+    assert result.exit_code == 0, result.output
+    assert len(objects(s3, "caches/many")) == 2 + 2 * 6
+    return [*base, "--rows-per-shard", 16]
+
+
+def test_overwrite_with_fewer_shards_and_splits_removes_the_old_ones_from_the_bucket(s3, many_shards):
+    """As a local --overwrite (rebuild.py): 4 train + 2 valid shards rebuilt as 1 train shard leave none of
+    the old shards, sidecars or splits in the bucket (review break14b: 10 objects no manifest listed
+    stayed)."""
+    url = copy_cache(s3, "shrink", "caches/many")
+    forget_local()
+    result = run(*many_shards, "--out", url, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert sorted(objects(s3, "caches/shrink")) == ONE_SHARD
+    assert s3.get_file_info(f"{BUCKET}/caches/shrink/valid").type == pafs.FileType.NotFound  # no empty folder
+    assert f"Removed 10 objects of an older cache from {url}" in result.output, result.output
+    forget_local()
+    assert run("cache", "verify", url).exit_code == 0
+
+
+def test_overwrite_removes_only_the_cache_own_names_at_its_url(s3, many_shards):
+    """Other objects at the URL, in its split folders too, a cache in a sub-folder (caches/near/inner) and
+    one at a sibling prefix (caches/near2: '/' is the boundary, not the string prefix) stay whole; a temp
+    file of a local write (a cache copied up by hand) goes, as in the local swap."""
+    url = copy_cache(s3, "near", "caches/many")
+    neighbours = {name: copy_cache(s3, name, "caches/many") for name in ("near2", "near/inner")}
+    before = {name: objects(s3, f"caches/{name}") for name in neighbours}
+    users = ["notes.txt", "manifest.json.bak", "train/notes.txt", "train/part-00001.parquet.bak",
+             "train/part-1.parquet", "valid/old/part-00000.parquet", "test/part-00000.parquet"]
+    for name in [*users, "train/.part-00002.4242.tmp"]:
+        with s3.open_output_stream(f"{BUCKET}/caches/near/{name}") as stream:
+            stream.write(b"not the new cache's")
+    forget_local()
+    result = run(*many_shards, "--out", url, "--overwrite")
+    assert result.exit_code == 0, result.output
+    inner = [f"inner/{name}" for name in before["near/inner"]]
+    assert sorted(objects(s3, "caches/near")) == sorted(ONE_SHARD + users + inner)
+    assert f"Removed 11 objects of an older cache from {url}" in result.output, result.output
+    forget_local()
+    for name, stored in before.items():
+        assert objects(s3, f"caches/{name}") == stored
+        assert run("cache", "verify", f"s3://{BUCKET}/caches/{name}").exit_code == 0
+    assert run("cache", "verify", url).exit_code == 0
+
+
+def test_a_clean_up_or_an_upload_cut_short_is_finished_by_the_next_upload(s3, many_shards):
+    """The bucket as a kill leaves it: (a) during the clean-up, the new manifest up and old objects left:
+    the cache verifies, a plain precompute reuses it and writes nothing, --overwrite removes them; (b)
+    during --overwrite's upload, the old manifest deleted (its first step): a plain precompute uploads
+    the cache and removes the old objects."""
+    url = copy_cache(s3, "cut-clean", "caches/many")
+    assert run(*many_shards, "--out", url, "--overwrite").exit_code == 0
+    rebuilt = objects(s3, "caches/cut-clean")
+    copy_cache(s3, "cut-clean", "caches/many")  # the old cache's objects back, under the rebuilt cache's
+    for name, data in rebuilt.items():
+        with s3.open_output_stream(f"{BUCKET}/caches/cut-clean/{name}") as stream:
+            stream.write(data)
+    cut = objects(s3, "caches/cut-clean")
+    assert len(cut) == 14
+    forget_local()
+    assert run("cache", "verify", url).exit_code == 0
+    again = run(*many_shards, "--out", url)
+    assert again.exit_code == 0 and f"Reusing cache {url}" in again.output, again.output
+    assert objects(s3, "caches/cut-clean") == cut
+    assert run(*many_shards, "--out", url, "--overwrite").exit_code == 0
+    assert sorted(objects(s3, "caches/cut-clean")) == ONE_SHARD
+
+    url = copy_cache(s3, "cut-upload", "caches/many")
+    s3.delete_file(f"{BUCKET}/caches/cut-upload/manifest.json")
+    forget_local()
+    result = run(*many_shards, "--out", url)
+    assert result.exit_code == 0 and f"Uploaded {url}" in result.output, result.output
+    assert sorted(objects(s3, "caches/cut-upload")) == ONE_SHARD
     forget_local()
     assert run("cache", "verify", url).exit_code == 0

@@ -2,7 +2,8 @@
 
 The pipeline and the trainer stay on local files: they need atomic renames, resume and memory-mapped
 reads. `precompute` builds in a local staging directory and uploads every file, manifest.json last, so
-a reader never takes a half-uploaded cache as complete; `train` and `cache verify/inspect` download the
+a reader never takes a half-uploaded cache as complete, then deletes an older cache's objects the new
+manifest does not list (_remove_unlisted); `train` and `cache verify/inspect` download the
 manifest and then the files it lists into a local mirror, checking each shard's sha256 on the way.
 """
 
@@ -21,7 +22,7 @@ import pyarrow.fs as pafs
 from ..errors import UserError
 from ..schemas import Manifest
 from ..schemas.atomic import atomic_path
-from ..schemas.manifest import MANIFEST_NAME, parse_manifest
+from ..schemas.manifest import CACHE_SPLITS, MANIFEST_NAME, parse_manifest
 from ..schemas.verify import check_cache, file_sha256, inside
 from .lock import LOCK_NAME
 
@@ -220,10 +221,58 @@ def _upload(fs, base: str, stage: Path, manifest: Manifest, url: str, replace: b
         raise UserError(f"{problems[0]} (in the staging directory of {url})")
     if replace:  # first: no reader may take the old manifest with new shards
         fs.delete_file(f"{base}/{MANIFEST_NAME}")
-    total = 0
-    for relative in [relative for relative, _ in cache_files(manifest, stage, url)] + [MANIFEST_NAME]:
+    total, listed = 0, [relative for relative, _ in cache_files(manifest, stage, url)] + [MANIFEST_NAME]
+    for relative in listed:
         total += _put(fs, stage / relative, f"{base}/{relative}", f"{url}/{relative}")
     log(f"Uploaded {url} ({total / 1e6:.1f} MB, {MANIFEST_NAME} last)")
+    _remove_unlisted(fs, base, url, set(listed), (stage / MANIFEST_NAME).read_bytes(), log)
+
+
+def _remove_unlisted(fs, base: str, url: str, listed: set[str], manifest: bytes, log) -> None:
+    """Delete the objects at `url` named like a cache's own files (shards.is_layout_name: manifest.json,
+    rejects.jsonl, partial.json, train|valid/part-NNNNN.parquet|.rejects.jsonl, and the temp files of
+    their local writes) that the just-uploaded manifest does not list: an older cache's, left by a
+    rebuild with fewer shards or splits or by an upload cut short. As the local swap (rebuild.py), it
+    never touches other names, deeper folders (another cache under URL/sub) or sibling prefixes (URL2).
+    Runs after the manifest is in place, so no manifest ever lists a deleted object; one cut short leaves
+    objects no manifest lists (never read), which the next upload to `url` removes."""
+    from .shards import is_layout_name  # here: the CLI imports this module at start
+
+    try:
+        with fs.open_input_stream(f"{base}/{MANIFEST_NAME}") as stream:
+            if stream.read() != manifest:  # another writer's upload came after ours: its own to clean
+                return
+        stale = [name for name in _listing(fs, base) if is_layout_name(name) and name not in listed]
+        for relative in stale:
+            fs.delete_file(f"{base}/{relative}")
+        for split in {relative.split("/")[0] for relative in stale if "/" in relative}:
+            _remove_empty_folder(fs, f"{base}/{split}")
+    except OSError as error:
+        reason = " ".join(str(error).split())
+        raise UserError(f"{url}: {reason}: the new cache is uploaded and complete, but the old cache's "
+                        "objects it does not list may remain; rerun with --overwrite") from error
+    if stale:
+        log(f"Removed {len(stale)} objects of an older cache from {url} ({stale[0]}, ...)")
+
+
+def _remove_empty_folder(fs, folder: str) -> None:
+    """A split folder the new cache lacks, as the local swap's rmdir: pyarrow's delete_file leaves an
+    empty `folder/` marker object where it emptied one, removed here only while nothing is in it (the
+    markers it leaves on folders that still hold objects name no file, and stay)."""
+    if fs.get_file_info(folder).type == pafs.FileType.Directory:
+        if not fs.get_file_info(pafs.FileSelector(folder)):
+            fs.delete_dir(folder)
+
+
+def _listing(fs, base: str) -> list[str]:
+    """The objects (not folders) at `base` and in its split folders, relative to `base` ('/' is the
+    boundary: `base` = b/c lists b/c/x, never b/c2/x)."""
+    found = []
+    for folder in (base, *(f"{base}/{split}" for split in CACHE_SPLITS)):
+        for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+            if info.type == pafs.FileType.File:
+                found.append(info.path.removeprefix(f"{base}/"))
+    return sorted(found)
 
 
 def _put(fs: pafs.FileSystem, local: Path, remote: str, name: str) -> int:

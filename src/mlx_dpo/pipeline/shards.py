@@ -109,6 +109,19 @@ def temp_files(out: Path) -> list[Path]:
             if _TEMP_FILE.fullmatch(p.name) and (p.is_symlink() or not p.is_dir())]
 
 
+def is_layout_name(relative: str) -> bool:
+    """Whether a '/'-separated path relative to a cache names one of its own files or their temp files
+    (what layout_files and temp_files find there): a cache's writer may remove what it does not list."""
+    folder, _, name = relative.rpartition("/")
+    if folder and folder not in CACHE_SPLITS:
+        return False
+    if _TEMP_FILE.fullmatch(name):
+        return True
+    if folder:
+        return bool(_SPLIT_FILE.fullmatch(name))
+    return name in (MANIFEST_NAME, REJECTS_NAME, PARTIAL_NAME)
+
+
 def clear_layout(out: Path) -> None:
     """Remove the cache's own files, the manifest first (from then on no reader takes the rest for
     a complete cache), and split folders left empty; other files stay."""
