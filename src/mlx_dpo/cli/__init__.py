@@ -66,6 +66,8 @@ def _file_value(f: dataclasses.Field, value, where: str):
 def _typed(kind: type, value, where: str):
     if value is None or type(value) is kind:
         return value
+    if kind is str and type(value) is bool:  # YAML 1.1 reads an unquoted on/off (a switch's words) as a boolean
+        return "on" if value else "off"
     if kind in (float, str) and type(value) in (int, float):  # 1 for 1.0; a number where text is expected
         return kind(value)
     if kind in (int, float) and isinstance(value, str):

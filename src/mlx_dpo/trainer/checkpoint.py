@@ -23,6 +23,8 @@ STATE = "state.json"
 # Options that only change what is reported; a resumed run may change them, not the others.
 # Not val_batches: it picks the evaluated pairs, which must stay the same for the whole run.
 REPORTING_OPTIONS = ("steps_per_report", "steps_per_eval", "steps_per_save", "eval_generate", "eval_max_tokens")
+# ... nor the layout of the batches: the same losses to float rounding (and runs from before it was an option).
+FREE_ON_RESUME = (*REPORTING_OPTIONS, "prompt_once")
 
 
 def _save_safetensors_atomic(arrays: dict, path: Path) -> None:
@@ -146,7 +148,7 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, optimizer) -> N
 
 
 def check_resumable(run_dir: Path, cfg: TrainConfig, cache_identity: str, ranks: int = 1) -> None:
-    """A run resumes only with the options it started with (reporting aside), the same cache and the
+    """A run resumes only with the options it started with (reporting and layout aside), the same cache and the
     same number of ranks (its cursor counts global batches, whose size and rows depend on them)."""
     path = Path(run_dir) / "config.yaml"
     try:
@@ -155,7 +157,7 @@ def check_resumable(run_dir: Path, cfg: TrainConfig, cache_identity: str, ranks:
         raise UserError(f"{path}: cannot read the run's configuration ({error})") from error
     saved.setdefault("ranks", 1)  # runs from before ranks were recorded
     current = run_config(cfg, cache_identity, ranks)
-    differ = [k for k in sorted(set(saved) | set(current)) if k not in REPORTING_OPTIONS and saved.get(k) != current.get(k)]
+    differ = [k for k in sorted(set(saved) | set(current)) if k not in FREE_ON_RESUME and saved.get(k) != current.get(k)]
     if differ:
         raise UserError(f"{run_dir}: cannot resume with other options ("
                         + "; ".join(f"{k}: run {saved.get(k)!r}, now {current.get(k)!r}" for k in differ)

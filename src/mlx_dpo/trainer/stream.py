@@ -4,6 +4,7 @@ Memory is bounded by the shuffle buffer (rows), not by the cache size. The order
 the seed and the epoch, so a run can resume by skipping the steps it already consumed.
 """
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 
 from ..errors import UserError
 from ..logps import collate_pairs, score_plan
+from ..prompt_once import collate_prompt_once
 from ..schemas.sequence import pair_length
 from ..schemas.verify import first_non_finite
 from ..shapes import SCORE_MULTIPLE, SCORE_RATIO, WIDTH_MULTIPLE, WIDTH_RATIO
@@ -38,6 +40,9 @@ class Batch:
     ref_rejected_tail_logps: np.ndarray | None = None
     caches: np.ndarray | None = None  # (B,) int64: which --cache each pair is from, with several caches
     pairs_per_cache: np.ndarray | None = None  # (caches,) float64: pairs of weight > 0 from each, with several
+    # The prompt once per pair (mlx_dpo.prompt_once): (B, P) int32, input_ids/completion_mask then hold the answer rows
+    prompt_ids: np.ndarray | None = None
+    prompt_mask: np.ndarray | None = None
 
     def counts(self) -> np.ndarray:
         """[pairs, scored chosen completion tokens] (float64): what a step's loss is normalised by."""
@@ -104,12 +109,15 @@ class PairStream:
     ladder of `pad_to_multiple` and `pad_ratio`, scored positions to that of `score_multiple` and
     `score_ratio`; with `fixed_rows`, a micro-batch of fewer than `batch_size` pairs is filled up
     with copies of its shortest pair of weight 0, so every micro-batch has the same number of rows.
+
+    With `prompt_once`, batches are laid out once per pair (collate_prompt_once), or as plain
+    prompt+answer rows where that layout does not apply (truncation cut a pair's prompts differently).
     """
 
     def __init__(self, shards, *, batch_size, max_length, truncation_mode, pad_id,
                  shuffle=True, seed=0, shuffle_buffer=4096, pad_to_multiple=WIDTH_MULTIPLE, pad_ratio=WIDTH_RATIO,
                  score_multiple=SCORE_MULTIPLE, score_ratio=SCORE_RATIO, fixed_rows=False, with_tails=False,
-                 rank=0, ranks=1, micro_batches=1, weights=None):
+                 rank=0, ranks=1, micro_batches=1, weights=None, prompt_once=False):
         self.several = len(shards) > 0 and isinstance(shards[0], (list, tuple))  # caches, even if one
         self.sources = [[Path(s) for s in cache] for cache in shards] if self.several else [[Path(s) for s in shards]]
         self.shards = [s for cache in self.sources for s in cache]
@@ -121,6 +129,7 @@ class PairStream:
         self.collate = dict(max_length=max_length, truncation_mode=truncation_mode, pad_id=pad_id,
                             pad_to_multiple=pad_to_multiple, pad_ratio=pad_ratio)
         self.score = dict(multiple=score_multiple, ratio=score_ratio)
+        self.prompt_once = prompt_once
         self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, max(shuffle_buffer, self.global_size)
         self.columns = ROW_COLUMNS + (TAIL_COLUMNS if with_tails else [])
         # Data parallel: every rank forms the same global batches and keeps its shares of each, so
@@ -188,7 +197,10 @@ class PairStream:
         stand_in = min(rows or spare, key=pair_length)
         weights = [1.0] * len(rows) + [0.0] * max(fill - len(rows), 0)
         rows = rows + [stand_in] * (len(weights) - len(rows))
-        input_ids, completion_mask = collate_pairs(rows, **self.collate)
+        once = collate_prompt_once(rows, **self.collate) if self.prompt_once else None
+        if once is None:
+            once = dict(zip(("input_ids", "completion_mask"), collate_pairs(rows, **self.collate)))
+        input_ids, completion_mask = once.pop("input_ids"), once.pop("completion_mask")
         mixture = {}
         if self.several:
             caches = np.array([r["cache"] for r in rows], dtype=np.int64)
@@ -203,5 +215,23 @@ class PairStream:
             indices=np.array([r["index"] for r in rows], dtype=np.int64),
             weights=np.array(weights, dtype=np.float32),
             **{name: np.array([r[name] for r in rows], dtype=np.float32) for name in TAIL_COLUMNS if name in rows[0]},
-            **mixture,
+            **mixture, **once,
         )
+
+    def layout_tokens(self) -> tuple[int, int]:
+        """Token positions (padding included) of the batches of epoch 0's first shuffle buffer, laid out
+        as plain prompt+answer rows and once per pair: (plain, once). Host-only, from the token ids; over
+        every share of the global batches, so every rank finds the same numbers."""
+        plain = once = 0
+        rng = np.random.default_rng([self.seed, 0]) if self.shuffle else None  # as epoch(0)
+        buffer = list(itertools.islice(self._rows(0, rng), self.shuffle_buffer))
+        for batch in self._global_batches(buffer, rng):
+            for share in split_evenly(batch, self.micro_batches * self.ranks):
+                if not share:
+                    continue
+                share = share + [min(share, key=pair_length)] * (self.batch_size - len(share) if self.fixed_rows else 0)
+                size = collate_pairs(share, **self.collate)[0].size
+                layout = collate_prompt_once(share, **self.collate)
+                plain += size
+                once += size if layout is None else layout["prompt_ids"].size + layout["input_ids"].size
+        return plain, once

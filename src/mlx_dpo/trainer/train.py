@@ -33,26 +33,27 @@ MAX_SKIPPED_IN_A_ROW = 3
 
 
 def make_loss_fn(loss_options: dict, ld_alpha: float | None = None):
-    """loss_fn(model, input_ids, completion_mask, plan, ref_chosen, ref_rejected, weights, scale[, tails])
+    """loss_fn(model, input_ids, completion_mask, plan, ref_chosen, ref_rejected, weights, scale[, tails], prompt=None)
     -> (loss, (metrics, ntoks)) for preference_loss(**loss_options).
 
     `weights` (B,) are the pairs' weights (0 for stand-in rows); `scale` (2,) is 1 / (global pairs,
     global chosen tokens) of the step. The loss is Σ w·pair_loss·scale[0] + token_weight·Σ w·NLL·scale[1];
     `metrics` is the step vector of METRIC_NAMES (see `named_metrics`), summable over micro-batches
-    and ranks. `loss_fn.token_weight` is the summed weight of the per-token terms."""
+    and ranks. `loss_fn.token_weight` is the summed weight of the per-token terms. `prompt`: (prompt_ids,
+    prompt_mask) of a batch laid out once per pair (Batch.prompt_ids), input_ids then its answer rows."""
     options = dict(loss_options)
     beta, reference_free = options["beta"], options.get("reference_free", False)
     pair_types, pair_weights, token_weight = split_token_losses(options.pop("loss_type"), options.pop("loss_weights", None))
 
     def loss_fn(model, input_ids, completion_mask, plan, ref_chosen_logps, ref_rejected_logps, weights, scale,
-                ref_chosen_tail_logps=None, ref_rejected_tail_logps=None, pair_values=False):
+                ref_chosen_tail_logps=None, ref_rejected_tail_logps=None, pair_values=False, prompt=None):
         pairs, several = ref_chosen_logps.shape[0], ref_rejected_logps.ndim == 2
         if ld_alpha is None:
-            plain, ntoks = sequence_logps(model, input_ids, completion_mask, plan=plan)  # ((1+K)B,)
+            plain, ntoks = sequence_logps(model, input_ids, completion_mask, plan=plan, prompt=prompt)  # ((1+K)B,)
             logps = plain
         else:  # LD-DPO (Liu et al. 2024): tokens past the shorter answer count with weight α
             shared = shared_lengths(completion_mask, pairs)
-            plain, ntoks, tail = sequence_logps(model, input_ids, completion_mask, shared, plan=plan)
+            plain, ntoks, tail = sequence_logps(model, input_ids, completion_mask, shared, plan=plan, prompt=prompt)
             logps = plain - (1 - ld_alpha) * tail
             ref_chosen_logps = ref_chosen_logps - (1 - ld_alpha) * ref_chosen_tail_logps
             ref_rejected_logps = ref_rejected_logps - (1 - ld_alpha) * ref_rejected_tail_logps
@@ -102,6 +103,11 @@ def _arrays(batch: Batch, scale) -> tuple[mx.array, ...]:
     return (*(mx.array(a) for a in arrays), scale, *(mx.array(a) for a in tails))
 
 
+def _prompt(batch: Batch) -> tuple[mx.array, mx.array] | None:
+    """The batch's shared prompts (laid out once per pair), or None for plain prompt+answer rows."""
+    return None if batch.prompt_ids is None else (mx.array(batch.prompt_ids), mx.array(batch.prompt_mask))
+
+
 def evaluate(model, loss_fn, steps: Iterator[list[Batch]], group=None, on_pairs=None) -> dict:
     """Metrics over every pair of `steps` (all ranks): sums, then divided by the global counts.
     `on_pairs(indices, values, weights, caches)` receives each batch's per-pair values (make_loss_fn:
@@ -110,7 +116,7 @@ def evaluate(model, loss_fn, steps: Iterator[list[Batch]], group=None, on_pairs=
     for batches in steps:
         for batch in batches:
             _, (metrics, toks, *values) = loss_fn(model, *_arrays(batch, mx.array([1.0, 1.0])),
-                                                  pair_values=on_pairs is not None)
+                                                  pair_values=on_pairs is not None, prompt=_prompt(batch))
             if on_pairs is not None:
                 on_pairs(batch.indices, values[0], batch.weights, batch.caches)
             totals, ntoks = totals + metrics, ntoks + toks
@@ -159,8 +165,8 @@ def train(
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def accumulate(arrays, prev_grad):
-        (loss, aux), grad = value_and_grad(model, *arrays)
+    def accumulate(arrays, prompt, prev_grad):
+        (loss, aux), grad = value_and_grad(model, *arrays, prompt=prompt)
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         return loss, aux, grad
@@ -198,9 +204,9 @@ def train(
         scale = 1.0 / mx.maximum(counts[:2], 1.0)
         grad, metrics, toks = None, mx.zeros(len(METRIC_NAMES)), mx.array(0.0)
         for batch in micro:
-            arrays = _arrays(batch, scale)
-            traced.add((grad is None, *(a.shape for a in arrays)))
-            _, (batch_metrics, batch_toks), grad = accumulate(arrays, grad)
+            arrays, prompt = _arrays(batch, scale), _prompt(batch)
+            traced.add((grad is None, *(a.shape for a in (*arrays, *(prompt or ())))))  # the prompt width too
+            _, (batch_metrics, batch_toks), grad = accumulate(arrays, prompt, grad)
             metrics, toks = metrics + batch_metrics, toks + batch_toks
         grad, metrics, grad_norm = reduce(grad, mx.concatenate([metrics, toks[None]]))
         mx.eval(grad, metrics, grad_norm)
