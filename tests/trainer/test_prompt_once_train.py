@@ -134,3 +134,23 @@ def test_on_refused_where_it_cannot_be(root, tiny_model_dir, monkeypatch):
     assert result.output.strip().splitlines()[-1].startswith("Error: --prompt-once on: ") and "cannot share its prompt" in result.output
     _, said = train(root, tiny_model_dir, "auto-other")
     assert "Prompt once per pair: off (auto: not for mlx_lm.models.llama models" in said
+
+
+@pytest.mark.slow
+def test_two_ranks_with_prompt_once_train_what_one_process_trains(root, tiny_model_dir):
+    """mlx.launch, 2 ranks x 2 pairs, each rank deciding `auto` alone (over the global batches: the same
+    answer), against 1 process x 4 pairs in the plain layout."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    off, _ = train(root, tiny_model_dir, "one-rank-off", "--prompt-once", "off")
+    command = [*tiny_models.ring_launch(2), str(Path(sys.executable).parent / "mlx-dpo"), "train", "--cache",
+               root / "heavy", "--model", tiny_model_dir, "--output", root / "two-ranks", "--iters", 3, "--batch-size", 2,
+               "--learning-rate", 1e-2, "--steps-per-report", 1, "--steps-per-eval", 3, "--steps-per-save", 1]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "Prompt once per pair: on (auto:" in output, output
+    two = [json.loads(line) for line in open(root / "two-ranks" / "metrics.jsonl")]
+    assert {r["prompt_once"] for r in two if r["split"] == "train"} == {True}
+    same_records(two, off)
