@@ -273,13 +273,8 @@ def prompt_once_variants(model: str, fine_tune: str, prompt_mean: int, response_
     chosen_tokens = float(mask[:pairs, 1:].sum())
     rest = [mx.zeros((pairs,)), mx.zeros((pairs,)), mx.ones((pairs,)), mx.array([1 / pairs, 1 / chosen_tokens])]
 
-    def once_loss(model_, ids_, mask_, plan, prompt_ids, prompt_mask, *rest_):  # the trainer does not take it: patched in
-        saved = trainer.sequence_logps
-        trainer.sequence_logps = lambda m, i, k, plan=None: sequence_logps(m, i, k, plan=plan, prompt=(prompt_ids, prompt_mask))
-        try:
-            return loss_fn(model_, ids_, mask_, plan, *rest_)
-        finally:
-            trainer.sequence_logps = saved
+    def once_loss(model_, ids_, mask_, plan, prompt_ids, prompt_mask, *rest_):  # as train's step with --prompt-once on
+        return loss_fn(model_, ids_, mask_, plan, *rest_, prompt=(prompt_ids, prompt_mask))
 
     plan = lambda m: score_plan(m, SCORE_MULTIPLE, SCORE_RATIO)  # noqa: E731  as the trainer's batches
     src_arrays = [mx.array(a) for a in (ids, mask, plan(mask))]
