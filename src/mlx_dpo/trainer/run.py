@@ -8,8 +8,8 @@ import numpy as np
 
 from ..distributed import world
 from ..errors import UserError
-from ..prompt_once import SHARED_PROMPT_MODULES, can_share_prompt
 from ..models import checked_model_path, compute_dtype, load_model, load_tokenizer, weights_hash
+from ..prompt_once import SHARED_PROMPT_MODULES, can_share_prompt
 from ..schemas import read_manifest, tokenizer_fingerprint
 from ..schemas.identity import short_value
 from ..schemas.verify import check_cache
