@@ -89,6 +89,26 @@ def test_auto_picks_on_for_prompt_heavy_data_off_for_the_demo_data(root, tiny_mo
     assert "Prompt once per pair: off (auto: not with --grad-checkpoint)" in said
 
 
+def test_blocks_checkpointed_by_an_earlier_run_are_refused(root, tiny_model_dir):
+    """mlx-lm's grad_checkpoint stays on the block class after a run: a later run in the process that
+    would share the prompt must not train with wrong gradients."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    from mlx_dpo.models import load_model
+
+    block = load_model(tiny_model_dir).layers[0]
+    call = type(block).__call__
+    try:
+        grad_checkpoint(block)
+        _, said = train(root, tiny_model_dir, "after-ckpt")
+        assert "Prompt once per pair: off (auto: not with --grad-checkpoint)" in said
+        result = tiny_models.run_cli("train", "--cache", root / "heavy", "--model", tiny_model_dir, "--output",
+                                     root / "after-ckpt", "--overwrite", "--prompt-once", "on", ok=False)
+        assert result.exit_code != 0 and "loses the prompt keys' gradient" in result.output, result.output
+    finally:
+        type(block).__call__ = call
+
+
 def test_resume_within_and_across_layouts(root, tiny_model_dir):
     whole, _ = train(root, tiny_model_dir, "whole", "--prompt-once", "off")
     for first, then in (("on", "on"), ("off", "on"), ("on", "off")):

@@ -117,10 +117,14 @@ def prompt_layout(cfg: TrainConfig, model, stream: PairStream) -> tuple[bool, st
         if cfg.prompt_once == "on":
             raise UserError(f"--prompt-once on: {cfg.model} cannot share its prompt: not checked for {why}")
         return False, f"auto: not for {why}"
+    # mlx-lm's grad_checkpoint patches the block class for the whole process (an earlier run in it, say)
+    if "grad_checkpoint" in type(model.layers[0]).__call__.__qualname__:
+        if cfg.prompt_once == "on":
+            raise UserError("--prompt-once on: the model's blocks recompute their activations (--grad-checkpoint, "
+                            "in this run or an earlier one of this process), which loses the prompt keys' gradient")
+        return False, "auto: not with --grad-checkpoint"
     if cfg.prompt_once == "on":
         return True, "--prompt-once on"
-    if cfg.grad_checkpoint:
-        return False, "auto: not with --grad-checkpoint"
     plain, once = stream.layout_tokens()
     saving = 1 - once / max(plain, 1)
     return saving >= PROMPT_ONCE_SAVING, (f"auto: the first batches hold {once:,} token positions instead of {plain:,}, "
