@@ -4,6 +4,7 @@ docstring promises and fails on main where the code does otherwise. Rounds (74c1
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 import tiny_models
 from mlx_dpo.pipeline.formats import Fields, normalize
@@ -24,15 +25,19 @@ def precompute(tmp_path, model_dir, rows) -> tuple[list[int], dict[int, str]]:
     return sorted(cached), {r["index"]: r["reason"] for r in map(json.loads, rejects)}
 
 
-def test_a_system_column_and_a_first_system_turn_render_one_system_message():
+@pytest.mark.parametrize("prompt", ["conversations", None])  # the prompt column, or implicit
+def test_a_system_column_and_a_first_system_turn_render_one_system_message(prompt):
     """README (ShareGPT row): speakers as LLaMA-Factory's, "the `system` and `tools` columns too"; turns.py:
     "an optional first system turn". LLaMA-Factory's SharegptDatasetConverter takes a first `system` turn as
     the system prompt and reads the `system` column only when there is none: one system message.
     Instead normalize keeps both (the column's, then the turn's): the chat template renders two system
     messages (Qwen3's, e.g., raises or renders the second mid-conversation). Known, not yet fixed."""
-    raw = {"conversations": [sharegpt("system", "Be brief."), sharegpt("human", "Capital of Peru?")],
-           "system": "Answer in French.", "chosen": sharegpt("gpt", "Lima."), "rejected": sharegpt("gpt", "Cusco.")}
-    row, kind = normalize(raw, Fields(prompt="conversations"))
+    turns = [sharegpt("system", "Be brief."), sharegpt("human", "Capital of Peru?")]
+    if prompt is None:  # whole conversations, as LLaMA-Factory's converter gives them to TRL
+        raw = {"chosen": turns + [sharegpt("gpt", "Lima.")], "rejected": turns + [sharegpt("gpt", "Cusco.")]}
+    else:
+        raw = {"conversations": turns, "chosen": sharegpt("gpt", "Lima."), "rejected": sharegpt("gpt", "Cusco.")}
+    row, kind = normalize({**raw, "system": "Answer in French."}, Fields(prompt=prompt))
     assert kind == "sharegpt"
     systems = [m["content"] for m in row["prompt"] if m["role"] == "system"]
     assert len(systems) <= 1, systems  # LLaMA-Factory: ["Be brief."]
