@@ -12,7 +12,8 @@ Messages may carry OpenAI-style tool calls (assistant `tool_calls`, `tool` messa
 A row with any {from, value} message must keep LLaMA-Factory's turn order (turns.py); {role, content} rows,
 as in TRL, need none.
 Column names are configurable; an optional system column becomes a system message (or, for
-plain-text prompts, a first paragraph). Optional `tools` (a list, or its JSON text) and
+plain-text prompts, a first paragraph), unless the prompt begins with a system message: that one wins, as a
+first system turn does in LLaMA-Factory. Optional `tools` (a list, or its JSON text) and
 `chat_template_kwargs` (an object) columns go to the chat template as TRL passes them.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from .config import RESERVED_TEMPLATE_ARGUMENTS
 from .encode import RowRejected, is_conversational, is_several
-from .turns import Turns, check_answer, check_prompt
+from .turns import Turns, check_answer, check_prompt, is_sharegpt
 
 # ShareGPT / LLaMA-Factory speaker names (its default tags) -> chat-template roles; a function_call becomes
 # an assistant message with tool_calls, an observation (the tool's result) a tool message.
@@ -53,11 +54,11 @@ def drop_nulls(value):
 
 
 def _is_message(value) -> bool:
-    return isinstance(value, dict) and (value.get("role") is not None or {"from", "value"} <= value.keys())
+    return isinstance(value, dict) and (value.get("role") is not None or is_sharegpt(value))
 
 
 def _message(value: dict) -> dict:
-    if value.get("from") is None:  # {role, content}; Arrow may add from/value, and other messages' keys, as null
+    if not is_sharegpt(value):  # {role, content}; Arrow may add from/value, and other messages' keys, as null
         message = {k: drop_nulls(v) for k, v in value.items() if v is not None}
         if message.get("tool_calls") and message.get("content") is None:
             # OpenAI writes a tool call's missing text as null; templates such as Qwen3's need a string (and
@@ -71,7 +72,8 @@ def _message(value: dict) -> dict:
         raise RowRejected(f"unknown ShareGPT speaker {speaker!r} (known: {', '.join(SHAREGPT_ROLES)})")
     if speaker == "function_call":
         return {"role": "assistant", "content": "", "tool_calls": _function_calls(value["value"])}
-    extra = {k: v for k, v in value.items() if k not in ("from", "value") and v is not None}
+    # from/value give role and content (as TRL's maybe_convert_to_chatml and LLaMA-Factory read them)
+    extra = {k: v for k, v in value.items() if k not in ("from", "value", "role", "content") and v is not None}
     return {"role": SHAREGPT_ROLES[speaker], "content": value["value"], **extra}
 
 
@@ -89,18 +91,18 @@ def as_messages(value):
     """(messages, sharegpt): a message list in {role, content} form for one message object or a list
     of them (either form); (value, False) unchanged for anything else."""
     if _is_message(value):
-        return [_message(value)], value.get("from") is not None
+        return [_message(value)], is_sharegpt(value)
     if isinstance(value, list) and value and all(_is_message(m) for m in value):
-        return [_message(m) for m in value], any(m.get("from") is not None for m in value)
+        return [_message(m) for m in value], any(is_sharegpt(m) for m in value)
     return value, False
 
 
 def _written(name: str, value) -> Turns | None:
-    """A message object or list as written, each message labelled by its place (`chosen`, `chosen[1]`);
-    None for anything else."""
+    """A message object or list as written, each message labelled by its place (`chosen`, `chosen[1]`), []
+    for an empty list (no turns: an empty prompt is no human turn); None for anything else."""
     if _is_message(value):
         return [(name, value)]
-    if isinstance(value, list) and value and all(_is_message(m) for m in value):
+    if isinstance(value, list) and all(_is_message(m) for m in value):
         return [(f"{name}[{i}]", m) for i, m in enumerate(value)]
     return None
 
@@ -188,10 +190,14 @@ def _implicit(chosen, rejected, fields: Fields):
 
 
 def _add_system(prompt, system):
+    """The prompt with the system column's text first; a prompt's own first system message wins (LLaMA-Factory
+    reads the column only without a first system turn): two would render as two system messages."""
     if system is None or system == "":
         return prompt
     if not isinstance(system, str):
         raise RowRejected(f"system is {type(system).__name__}, not a string")
+    if is_conversational(prompt) and prompt and prompt[0]["role"] == "system":
+        return prompt
     if is_conversational(prompt):
         return [{"role": "system", "content": system}, *prompt]
     return f"{system}\n\n{prompt}"
