@@ -1,12 +1,11 @@
 """Review breakB: inputs where a behaviour stated for the changes fed1808~1..1a01617 fails."""
 
 import pyarrow.fs as pafs
-import pytest
-from test_remote import BUCKET, endpoint, s3  # noqa: F401 (fixtures: moto's S3 server and a bucket)
 
 import tiny_models
 from mlx_dpo.pipeline import remote
 from mlx_dpo.schemas.manifest import read_manifest
+from test_remote import BUCKET, endpoint, s3  # noqa: F401 (fixtures: moto's S3 server and a bucket)
 
 run = tiny_models.invoke_cli
 
@@ -70,7 +69,8 @@ class _Delegate(pafs.FileSystemHandler):
         return self.fs.open_append_stream(path, metadata=metadata)
 
 
-def test_a_second_writers_shards_are_deleted_by_the_first_writers_clean_up(s3, tiny_model_dir, standard_data, tmp_path):
+def test_a_second_writers_shards_are_deleted_by_the_first_writers_clean_up(s3, tiny_model_dir,  # noqa: F811
+        standard_data, tmp_path):
     """remote._remove_unlisted states: 'Runs after the manifest is in place, so no manifest ever lists a
     deleted object', and skips the clean-up when 'another writer's upload came after ours'. But the check
     (manifest still ours) and the deletions are not one step: writer Y (`precompute --out URL --overwrite`,
