@@ -234,16 +234,26 @@ def _remove_unlisted(fs, base: str, url: str, listed: set[str], manifest: bytes,
     their local writes) that the just-uploaded manifest does not list: an older cache's, left by a
     rebuild with fewer shards or splits or by an upload cut short. As the local swap (rebuild.py), it
     never touches other names, deeper folders (another cache under URL/sub) or sibling prefixes (URL2).
-    Runs after the manifest is in place, so no manifest ever lists a deleted object; one cut short leaves
-    objects no manifest lists (never read), which the next upload to `url` removes."""
+    Runs after the manifest is in place, so no manifest of ours lists a deleted object; one cut short leaves
+    objects no manifest lists (never read), which the next upload to `url` removes. One writer per URL at a
+    time, as for a local cache: the manifest is re-read before every delete, so a second writer's upload that
+    lands while we list stops the clean-up, but one landing between that read and the delete can lose a
+    shard; its manifest then lists a missing object, which `cache verify` and `train` report (never a wrong
+    value: every shard is checked against its sha256 on download)."""
     from .shards import is_layout_name  # here: the CLI imports this module at start
 
-    try:
+    def ours() -> bool:  # False once another writer's upload came after ours: its own to clean
         with fs.open_input_stream(f"{base}/{MANIFEST_NAME}") as stream:
-            if stream.read() != manifest:  # another writer's upload came after ours: its own to clean
-                return
+            return stream.read() == manifest
+
+    try:
+        if not ours():
+            return
         stale = [name for name in _listing(fs, base) if is_layout_name(name) and name not in listed]
-        for relative in stale:
+        for n, relative in enumerate(stale):
+            if not ours():  # re-read before every delete: a writer that came while we listed keeps its files
+                stale = stale[:n]
+                break
             fs.delete_file(f"{base}/{relative}")
         for split in {relative.split("/")[0] for relative in stale if "/" in relative}:
             _remove_empty_folder(fs, f"{base}/{split}")

@@ -1,4 +1,5 @@
-"""Review breakB: inputs where a behaviour stated for the changes fed1808~1..1a01617 fails."""
+"""Two writers on one s3:// URL: the clean-up of unlisted objects (remote._remove_unlisted) leaves a later
+writer's upload alone. Real moto S3 and real remote._upload for both writers."""
 
 import pyarrow.fs as pafs
 
@@ -69,14 +70,12 @@ class _Delegate(pafs.FileSystemHandler):
         return self.fs.open_append_stream(path, metadata=metadata)
 
 
-def test_a_second_writers_shards_are_deleted_by_the_first_writers_clean_up(s3, tiny_model_dir,  # noqa: F811
+def test_a_clean_up_stops_when_a_second_writers_upload_lands_while_it_lists(s3, tiny_model_dir,  # noqa: F811
         standard_data, tmp_path):
-    """remote._remove_unlisted states: 'Runs after the manifest is in place, so no manifest ever lists a
-    deleted object', and skips the clean-up when 'another writer's upload came after ours'. But the check
-    (manifest still ours) and the deletions are not one step: writer Y (`precompute --out URL --overwrite`,
-    several train shards) whose upload lands after writer X's check and before X's listing has its shards
-    part-00001 and up deleted by X's clean-up (X's 1-shard manifest does not list them). The manifest at the
-    URL is then Y's, listing objects that are gone: `cache verify URL` and `train --cache URL` fail."""
+    """Review break B: writer Y (`precompute --out URL --overwrite`, several train shards) whose upload lands
+    after writer X's first manifest check, while X lists, had its shards part-00001 and up deleted by X's
+    clean-up (X's 1-shard manifest does not list them), leaving Y's manifest listing missing objects. X now
+    re-reads the manifest before every delete and stops: Y's shards all stay."""
     base = ["precompute", "--model", tiny_model_dir, "--data", standard_data]
     for name, rows in (("x", 16), ("y", 2)):
         result = run(*base, "--out", tmp_path / name, "--rows-per-shard", rows)
