@@ -39,3 +39,35 @@ def test_memory_above_the_body_within_the_budget_with_a_trainable_tied_head():
     body = extra_peak(lambda: grad(lambda m: m.model(ids[:, :-1])))
     ours = extra_peak(lambda: grad(lambda m: sequence_logps(m, ids, mask, budget=budget)[0]))
     assert ours - body <= budget, f"{(ours - body) / 2**20:.0f} MB above the body, budget {budget / 2**20:.0f} MB"
+
+
+import pyarrow.fs as pafs  # noqa: E402
+
+import tiny_models  # noqa: E402
+from test_remote import BUCKET, copy_cache, endpoint, forget_local, many_shards, objects, s3  # noqa: E402,F401
+
+
+def test_an_empty_split_folder_left_by_a_clean_up_cut_short_is_removed_by_the_next_upload(s3, many_shards):  # noqa: F811
+    """Stated (README "Caches on object storage", remote._remove_unlisted): a clean-up cut short (a kill, or a
+    storage error on a manifest re-read / folder check, which raises before _remove_empty_folder) leaves
+    only objects no manifest lists, removed by the next upload to the URL; an older cache with more splits
+    leaves none behind, no empty folder (test_overwrite_with_fewer_shards_and_splits...). What happens: once
+    the old valid/ objects are deleted (pyarrow leaves an empty `valid/` marker) and the run stops before
+    the folder removal, the next --overwrite never removes `valid/`: its clean-up only visits the folders
+    of objects it deletes itself, and there are none left in valid/."""
+    url = copy_cache(s3, "cut-folder", "caches/many")
+    assert tiny_models.invoke_cli(*many_shards, "--out", url, "--overwrite").exit_code == 0
+    rebuilt = objects(s3, "caches/cut-folder")
+    copy_cache(s3, "cut-folder", "caches/many")  # the old cache back under the rebuilt one's objects
+    for name, data in rebuilt.items():
+        with s3.open_output_stream(f"{BUCKET}/caches/cut-folder/{name}") as stream:
+            stream.write(data)
+    # The clean-up deleted valid/'s objects (sorted last), then stopped before _remove_empty_folder.
+    for name in objects(s3, "caches/cut-folder"):
+        if name.startswith("valid/"):
+            s3.delete_file(f"{BUCKET}/caches/cut-folder/{name}")
+    forget_local()
+    result = tiny_models.invoke_cli(*many_shards, "--out", url, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert s3.get_file_info(f"{BUCKET}/caches/cut-folder/valid").type == pafs.FileType.NotFound, \
+        "an empty valid/ folder of the old cache stays after the next upload"
