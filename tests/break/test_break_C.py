@@ -108,3 +108,38 @@ def test_an_empty_split_folder_left_by_a_clean_up_cut_short_is_removed_by_the_ne
     assert result.exit_code == 0, result.output
     assert s3.get_file_info(f"{BUCKET}/caches/cut-folder/valid").type == pafs.FileType.NotFound, \
         "an empty valid/ folder of the old cache stays after the next upload"
+
+
+def test_a_second_writer_mid_upload_is_not_reported_as_our_complete_cache(s3, many_shards, tiny_model_dir,  # noqa: F811
+        standard_data, tmp_path):
+    """Stated (07b8b2f, README "Caches on object storage"): the clean-up re-reads manifest.json before every
+    delete and stops once another upload replaced it; its error says "the new cache is uploaded and
+    complete ... rerun with --overwrite". What happens: when the second writer Y (`--overwrite`) is mid-upload
+    at X's re-read, Y has deleted the manifest (its first step), the re-read raises FileNotFoundError (an
+    OSError) and X fails with "the new cache is uploaded and complete": false, no manifest is at the URL,
+    and the advice (--overwrite) deletes Y's manifest-to-be again. Real moto S3, real remote._upload."""
+    from mlx_dpo.errors import UserError
+    from mlx_dpo.pipeline import remote
+    from mlx_dpo.schemas.manifest import read_manifest
+    from test_remote_writers import _Delegate
+
+    base = ["precompute", "--model", tiny_model_dir, "--data", standard_data]
+    for name, rows in (("x", 2), ("y", 16)):
+        result = tiny_models.invoke_cli(*base, "--out", tmp_path / name, "--rows-per-shard", rows)
+        assert result.exit_code == 0, result.output
+    url, base_path = f"s3://{BUCKET}/caches/midway", f"{BUCKET}/caches/midway"
+    x = read_manifest(tmp_path / "x")
+    old = copy_cache(s3, "midway", "caches/many")  # an older cache with more shards: X has objects to remove
+    assert old == url
+
+    def y_starts():  # another process's --overwrite: manifest deleted, its first shard going up
+        s3.delete_file(f"{base_path}/manifest.json")
+        with s3.open_output_stream(f"{base_path}/train/part-00000.parquet") as stream:
+            stream.write((tmp_path / "y" / "train" / "part-00000.parquet").read_bytes())
+
+    racing = pafs.PyFileSystem(_Delegate(s3, y_starts))
+    try:
+        remote._upload(racing, base_path, tmp_path / "x", x, url, replace=True, log=lambda line: None)
+    except UserError as error:
+        assert "uploaded and complete" not in str(error), f"no manifest is at {url}, yet: {error}"
+    assert s3.get_file_info(f"{base_path}/train/part-00000.parquet").type == pafs.FileType.File
