@@ -25,7 +25,7 @@ HEAD_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwe
 # Vocabulary entries per partial logsumexp (see _logsumexp).
 _VOCAB_BLOCK = 512
 # [chunk, V] float32 arrays alive at once at the peak, with gradients (see chunk_positions).
-LIVE_CHUNK_ARRAYS = 9
+LIVE_CHUNK_ARRAYS = 12
 # Rows per tile of the BLAS sgemm kernel: it computes a matmul's rows a tile at a time and the last
 # rows % tile (its tail) with other instructions that round differently, so a position's values
 # depend on where its row falls unless every matmul has whole tiles (measured: OpenBLAS 0.3.29's ZEN
@@ -135,9 +135,9 @@ def chunk_positions(vocab_size: int, budget: int = LOGITS_CHUNK_BYTES) -> int:
 
     MLX's scheduler runs ahead of the computation by several ops, so the logits of one chunk, their
     exp and the next chunks' buffers are alive together: measured up to ~11 [chunk, V] float32 arrays
-    at the peak with an autodiff backward, 6-8 with _token_terms's saved log-sum-exp
-    (tests/trainer/test_logps_chunked.py), hence LIVE_CHUNK_ARRAYS = 9 (one of margin; 12 before, whose
-    smaller chunks made the V = 151,936 LoRA step 1.12x as long, README figure notes). A multiple of ROW_TILE, at least one
+    at the peak with an autodiff backward, 6-8 with _token_terms's saved log-sum-exp uncompiled, and
+    compiled a chunk that fills a budget of 9 arrays went 4% over it (tests/trainer/test_logps_memory.py),
+    hence LIVE_CHUNK_ARRAYS = 12. A multiple of ROW_TILE, at least one
     (past the budget for V above budget / (LIVE_CHUNK_ARRAYS x 4 x ROW_TILE) bytes): with a plan of whole
     tiles, every chunk then has whole tiles, so no position's log-prob depends on where the chunk
     boundaries fall or on the budget.
@@ -194,7 +194,9 @@ def _token_terms(head, hidden: mx.array, targets: mx.array, chunk: int) -> mx.ar
         cotangent, lse = cotangents[0], outputs[1]
         grads, leaf_grads = [], [mx.zeros_like(v) for v in leaves]
         for s in starts:
-            h = hidden[s : s + chunk] if not grads else mx.depends(hidden[s : s + chunk], grads[-1])
+            # after the previous chunk's gradients, the head's running sum included: else every chunk's
+            # (V, D) head gradient is alive at once (a trainable head: full fine-tuning, tied embeddings)
+            h = hidden[s : s + chunk] if not grads else mx.depends(hidden[s : s + chunk], [grads[-1], *leaf_grads])
             g = _softmax_cotangent_fused(logits_of(h, leaves), lse[s : s + chunk], cotangent[s : s + chunk],
                                          targets[s : s + chunk])
             # The head's own VJP; the logits it would recompute are never used, so never evaluated.

@@ -242,9 +242,12 @@ def _remove_unlisted(fs, base: str, url: str, listed: set[str], manifest: bytes,
     value: every shard is checked against its sha256 on download)."""
     from .shards import is_layout_name  # here: the CLI imports this module at start
 
-    def ours() -> bool:  # False once another writer's upload came after ours: its own to clean
-        with fs.open_input_stream(f"{base}/{MANIFEST_NAME}") as stream:
-            return stream.read() == manifest
+    def ours() -> bool:  # False once another writer's upload came after ours (or is under way): its own to clean
+        try:
+            with fs.open_input_stream(f"{base}/{MANIFEST_NAME}") as stream:
+                return stream.read() == manifest
+        except FileNotFoundError:  # an --overwrite deletes the manifest first
+            return False
 
     try:
         if not ours():
@@ -255,8 +258,8 @@ def _remove_unlisted(fs, base: str, url: str, listed: set[str], manifest: bytes,
                 stale = stale[:n]
                 break
             fs.delete_file(f"{base}/{relative}")
-        for split in {relative.split("/")[0] for relative in stale if "/" in relative}:
-            _remove_empty_folder(fs, f"{base}/{split}")
+        for split in set(CACHE_SPLITS) - {relative.split("/")[0] for relative in listed if "/" in relative}:
+            _remove_empty_folder(fs, f"{base}/{split}")  # also one a clean-up cut short left empty
     except OSError as error:
         reason = " ".join(str(error).split())
         raise UserError(f"{url}: {reason}: the new cache is uploaded and complete, but the old cache's "
