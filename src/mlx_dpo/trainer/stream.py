@@ -90,6 +90,14 @@ def split_evenly(rows: list, parts: int) -> list[list]:
     return [rows[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+def filled(rows: list[dict], fill: int, spare: list[dict] | None = None) -> tuple[list[dict], list[float]]:
+    """`rows` (weight 1) filled up to `fill` pairs with copies of weight 0 of the shortest of `rows` (or of
+    `spare` when `rows` is empty), and their weights: the copies change no sum and add no width."""
+    stand_in = min(rows or spare, key=pair_length)
+    weights = [1.0] * len(rows) + [0.0] * max(fill - len(rows), 0)
+    return rows + [stand_in] * (len(weights) - len(rows)), weights
+
+
 class PairStream:
     """Steps of preference pairs from a cache split, or from the same split of several caches.
 
@@ -192,11 +200,8 @@ class PairStream:
             epoch += 1
 
     def make_batch(self, rows: list[dict], fill: int = 1, spare: list[dict] | None = None) -> Batch:
-        """The batch of `rows` (weight 1), filled up to `fill` pairs with copies of weight 0 of the
-        shortest of `rows` (or of `spare` when `rows` is empty): they change no sum, and add no width."""
-        stand_in = min(rows or spare, key=pair_length)
-        weights = [1.0] * len(rows) + [0.0] * max(fill - len(rows), 0)
-        rows = rows + [stand_in] * (len(weights) - len(rows))
+        """The batch of `rows`, filled up to `fill` pairs with stand-ins of weight 0 (see `filled`)."""
+        rows, weights = filled(rows, fill, spare)
         once = collate_prompt_once(rows, **self.collate) if self.prompt_once else None
         if once is None:
             once = dict(zip(("input_ids", "completion_mask"), collate_pairs(rows, **self.collate)))
@@ -229,7 +234,7 @@ class PairStream:
             for share in split_evenly(batch, self.micro_batches * self.ranks):
                 if not share:
                     continue
-                share = share + [min(share, key=pair_length)] * (self.batch_size - len(share) if self.fixed_rows else 0)
+                share, _ = filled(share, self.batch_size if self.fixed_rows else 1)
                 size = collate_pairs(share, **self.collate)[0].size
                 layout = collate_prompt_once(share, **self.collate)
                 plain += size
