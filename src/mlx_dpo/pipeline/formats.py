@@ -196,10 +196,9 @@ def _add_system(prompt, system):
         return prompt
     if not isinstance(system, str):
         raise RowRejected(f"system is {type(system).__name__}, not a string")
-    if is_conversational(prompt) and prompt and prompt[0]["role"] == "system":
-        return prompt
     if is_conversational(prompt):
-        return [{"role": "system", "content": system}, *prompt]
+        has_own = bool(prompt) and prompt[0]["role"] == "system"
+        return prompt if has_own else [{"role": "system", "content": system}, *prompt]
     return f"{system}\n\n{prompt}"
 
 
