@@ -136,10 +136,11 @@ def train(model: str, cache: str, fine_tune: str, online: bool, warmup: int, mea
         reference.freeze()
         cached_loss = loss_fn
 
-        def loss_fn(policy_, input_ids, completion_mask, plan, ref_chosen_logps, ref_rejected_logps, weights, scale):
-            logps, _ = sequence_logps(reference, input_ids, completion_mask, plan=plan)
+        def loss_fn(policy_, input_ids, completion_mask, plan, ref_chosen_logps, ref_rejected_logps, weights, scale,
+                    prompt=None):
+            logps, _ = sequence_logps(reference, input_ids, completion_mask, plan=plan, prompt=prompt)
             chosen, rejected = split_chosen_rejected(mx.stop_gradient(logps), ref_chosen_logps.shape[0], False)
-            return cached_loss(policy_, input_ids, completion_mask, plan, chosen, rejected, weights, scale)
+            return cached_loss(policy_, input_ids, completion_mask, plan, chosen, rejected, weights, scale, prompt=prompt)
 
         loss_fn.token_weight = cached_loss.token_weight
 
