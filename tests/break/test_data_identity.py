@@ -11,6 +11,7 @@ import json
 import os
 
 import pyarrow.parquet as pq
+
 from tiny_models import run_cli, write_jsonl
 
 MTIME_NS = 1_000_000_000  # 1970-01-01 00:00:01, the Nix store's mtime

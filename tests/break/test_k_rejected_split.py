@@ -13,6 +13,7 @@ rejected) pairs, identical to splitting the row into K pairs: a test checks it)"
 import json
 
 import pyarrow.parquet as pq
+
 from tiny_models import run_cli, write_jsonl
 
 ROW = {"prompt": "The capital of Fra", "chosen": " Paris is the capital.", "rejected": ["nce is Berlin.", " Rome."]}
