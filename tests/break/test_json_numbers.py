@@ -49,3 +49,26 @@ def test_a_tool_call_argument_reaches_the_template_as_written(tiny_model_dir, tm
     assert '"days": 3}' in expected
     trained = tokenizer.decode(cached[0]["chosen_ids"])
     assert '"days": 3}' in trained, f"row 0's chosen answer as trained: {trained!r}"
+
+
+def test_a_tools_list_keeps_its_null_values(tiny_model_dir, tmp_path):
+    """README: "`tools` as a list or its JSON text, kept as written: null values too". Written as a list
+    (not JSON text), a schema's explicit `"default": null` is dropped with the nulls Arrow fills in."""
+    from mlx_dpo.models import load_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text("{% if tools %}{{ '<|system|>\n' + (tools | tojson) + '\n' }}{% endif %}"
+                                               + TEMPLATE)
+    tool = {"type": "function", "function": {"name": "forecast", "parameters": {
+        "type": "object", "properties": {"units": {"type": "string", "default": None}}}}}
+    row = {"prompt": [{"role": "user", "content": "Weather in Lima?"}],
+           "chosen": [{"role": "assistant", "content": "Sunny."}],
+           "rejected": [{"role": "assistant", "content": "No idea."}], "tools": [tool]}
+    data = write_jsonl(tmp_path / "tools.jsonl", [row])
+    run_cli("precompute", "--model", model, "--data", data, "--out", tmp_path / "c", "--max-length", "256")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    cached = pq.read_table(tmp_path / "c" / manifest["splits"]["train"]["shards"][0]["path"]).to_pylist()
+    tokenizer = load_tokenizer(model)
+    prompt = tokenizer.decode(cached[0]["prompt_ids"])
+    assert '"default": null' in prompt, f"the prompt as trained: {prompt!r}"
