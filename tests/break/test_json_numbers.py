@@ -72,3 +72,21 @@ def test_a_tools_list_keeps_its_null_values(tiny_model_dir, tmp_path):
     tokenizer = load_tokenizer(model)
     prompt = tokenizer.decode(cached[0]["prompt_ids"])
     assert '"default": null' in prompt, f"the prompt as trained: {prompt!r}"
+
+
+def test_a_tool_call_keeps_the_key_order_it_is_written_in(tiny_model_dir, tmp_path):
+    """Arrow gives every object of a column the field order of the first: row 1's arguments, written
+    {"days": 2, "city": "Quito"}, reach the template (tojson keeps dict order) as {"city": ..., "days": ...}."""
+    from mlx_dpo.models import load_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text(TEMPLATE)
+    second = _row(2)
+    second["chosen"][0]["tool_calls"][0]["function"]["arguments"] = {"days": 2, "city": "Quito"}
+    data = write_jsonl(tmp_path / "calls.jsonl", [_row(3), second])
+    run_cli("precompute", "--model", model, "--data", data, "--out", tmp_path / "c", "--max-length", "256")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    cached = pq.read_table(tmp_path / "c" / manifest["splits"]["train"]["shards"][0]["path"]).to_pylist()
+    trained = load_tokenizer(model).decode(cached[1]["chosen_ids"])
+    assert '{"days": 2, "city": "Quito"}' in trained, f"row 1's chosen answer as trained: {trained!r}"
