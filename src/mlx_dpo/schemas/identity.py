@@ -81,6 +81,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "chat_template": getattr(tokenizer, "chat_template", None),
         "probe": list(tokenizer(_PROBE)["input_ids"]),
     }
+    # tokenizer_config's split_special_tokens: special-token text (EOS, template role tokens) encodes as
+    # plain text. Set on the wrapper, not in the backend, and the probe has no special token; only when
+    # on, so other tokenizers keep their fingerprint.
+    if getattr(tokenizer, "split_special_tokens", False):
+        state["split_special_tokens"] = True
     return hashlib.sha256(_canonical(state)).hexdigest()
 
 
