@@ -3,7 +3,9 @@ the tokenizer's whole behaviour (not a probe of it, nor today's date), the weigh
 their file bytes), the model code mlx-lm runs, and hf_quant_config.json only where mlx-lm reads it."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -216,3 +218,58 @@ def test_a_sentencepiece_tokenizer_is_fingerprinted_by_its_model_file(tmp_path):
     assert not hasattr(a, "backend_tokenizer") and a.get_vocab() == b.get_vocab()
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(BertGenerationTokenizer(vocab_file=str(tmp_path / "a.model")))
     assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
+
+
+# ---- the data: datasets keeps a converted Arrow copy of a local file, known by its path and mtime only
+
+MTIME_NS = 1_000_000_000  # 1970-01-01 00:00:01, the Nix store's mtime; tar, rsync -a and cp -p keep a source's too
+
+
+def _answers(answer: str) -> list[dict]:
+    return [{"prompt": f"Question {i}: what is the answer?", "chosen": f" {answer} {i}.", "rejected": f" no {i}."}
+            for i in range(4)]
+
+
+def _write_same_mtime(data, answer):
+    """`data` (.jsonl, .parquet, or a folder holding train.jsonl) rewritten with other rows, old mtime."""
+    import pyarrow as pa
+
+    file = data / "train.jsonl" if data.suffix == "" else data
+    if file.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(_answers(answer)), file)
+    else:
+        tiny_models.write_jsonl(file, _answers(answer))
+    os.utime(file, ns=(MTIME_NS, MTIME_NS))
+
+
+@pytest.mark.parametrize("name", ["prefs.jsonl", "prefs.parquet", "folder"])
+def test_a_file_rewritten_with_the_same_mtime_is_cached_as_its_new_rows(tiny_model_dir, tmp_path, name):
+    """README (Identity): "the content of the input columns the run reads" is part of the identity:
+    a data file rewritten with the same mtime (cp -p, rsync -a, tar, SOURCE_DATE_EPOCH) is read as its
+    new rows, for the values cached and for the identity."""
+    from mlx_dpo.models import load_tokenizer
+
+    data = tmp_path / name
+    _write_same_mtime(data, "yes")
+    precompute(tiny_model_dir, data, tmp_path / "a", "--max-length", "64")
+    _write_same_mtime(data, "absolutely certainly")  # other answers, another size, the same mtime
+    precompute(tiny_model_dir, data, tmp_path / "b", "--max-length", "64", "--no-reuse")
+    cached = load_tokenizer(tiny_model_dir).decode(rows_of(tmp_path / "b")[0]["chosen_ids"])
+    assert "absolutely" in cached, f"cache b, made from the new file, holds the old file's answer {cached!r}"
+    again = run("precompute", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "a", "--max-length", "64")
+    assert "Reusing cache" not in again.output, again.output  # "different inputs into the same --out are refused"
+
+
+def test_the_same_data_reruns_from_the_same_conversion(tiny_model_dir, tmp_path):
+    """A rerun on unchanged data reuses its cache and datasets' conversion of the file (one per content)."""
+    import datasets
+
+    data = tmp_path / "prefs.jsonl"
+    _write_same_mtime(data, "yes")
+    conversions = Path(datasets.config.HF_DATASETS_CACHE) / "mlx_dpo"
+    before = set(conversions.iterdir()) if conversions.is_dir() else set()
+    precompute(tiny_model_dir, data, tmp_path / "a", "--max-length", "64")
+    again = run("precompute", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "a", "--max-length", "64")
+    assert "Reusing cache" in again.output, again.output
+    precompute(tiny_model_dir, data, tmp_path / "b", "--max-length", "64")
+    assert len(set(conversions.iterdir()) - before) <= 1

@@ -280,3 +280,57 @@ def test_a_sharegpt_speaker_that_is_no_string_is_a_reject(tiny_model_dir, tmp_pa
     assert isinstance(result.exception, SystemExit | None), repr(result.exception)  # not an internal error
     assert result.exit_code == 1 and "ShareGPT speaker" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+# ---- CSV and TSV cells as written (datasets reads them through pandas, 10,000 rows at a time)
+
+def _write_csv(path, rows, sep=","):
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=sep)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _cached_answers(model, cache):
+    from mlx_dpo.models import load_tokenizer
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    rows = [r for s in manifest["splits"]["train"]["shards"] for r in pq.read_table(cache / s["path"]).to_pylist()]
+    tokenizer = load_tokenizer(model)
+    return {r["index"]: tokenizer.decode(r["chosen_ids"], skip_special_tokens=True) for r in rows}
+
+
+def test_a_csv_answer_is_cached_as_written(tiny_model_dir, tmp_path):
+    """README: "A field whose JSON type changes between rows is refused too (...): `datasets` would turn
+    it into a column that silently re-reads the text"; "Every input row is either in a shard or in
+    `rejects.jsonl` with its reason" (the row cached is the input row). pandas types each 10,000-row
+    chunk alone: in a chunk of number-like answers " 0.50" came back as "0.5", with no reject."""
+    rows = [{"prompt": f"Q{i}: a word?", "chosen": "same", "rejected": "same"} for i in range(10_000)]  # rejects
+    rows += [{"prompt": f"R{i}: one half, to two decimals?", "chosen": " 0.50", "rejected": " 0.5000001"}
+             for i in range(3)]
+    data = _write_csv(tmp_path / "prefs.csv", rows)
+    run_ok = run("precompute", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "c", "--max-length", "64",
+                 "--rows-per-shard", "20000")
+    assert run_ok.exit_code == 0, run_ok.output
+    chosen = _cached_answers(tiny_model_dir, tmp_path / "c")[10_000]
+    assert chosen.strip() == "0.50", f"row 10000: the file's chosen ' 0.50' was cached as {chosen!r}"
+
+
+@pytest.mark.parametrize("layout", ["prefs.csv", "folder/train.tsv"])
+def test_csv_and_tsv_texts_that_look_like_missing_values_stay_text(tiny_model_dir, tmp_path, layout):
+    """pandas reads "NA", "null", "nan", "N/A" as missing by default: such answers would be rejected
+    as missing, or dropped from a row, instead of being trained on as written; an empty cell stays missing."""
+    answers = ["NA", "null", "nan", "N/A", "007"]
+    rows = [{"prompt": f"Q{i}: your answer?", "chosen": a, "rejected": " no."} for i, a in enumerate(answers)]
+    rows.append({"prompt": "Q5: your answer?", "chosen": "", "rejected": " no."})
+    file = _write_csv(tmp_path / layout, rows, "\t" if layout.endswith(".tsv") else ",")
+    data = file if layout.endswith(".csv") else file.parent
+    result = run("precompute", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "c", "--max-length", "64")
+    assert result.exit_code == 0, result.output
+    cached = _cached_answers(tiny_model_dir, tmp_path / "c")
+    assert [cached.get(i, "").strip() for i in range(5)] == answers
+    assert 5 not in cached  # the empty cell: a missing answer, rejected as before

@@ -17,16 +17,21 @@ def load_splits(data: str) -> dict:
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()  # our error is one line; datasets would log its own first
-    check_data_files(data)
+    digest = check_data_files(data)
     path = Path(data)
     try:
         if path.is_file():
             builder = _BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise UserError(f"{data}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
-            return datasets.load_dataset(builder, data_files={"train": str(path)})
+            return datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=_cache_dir(digest),
+                                         **(_csv_as_text([path]) if builder == "csv" else {}))
         if path.is_dir():
-            return datasets.load_dataset(str(path))
+            cache_dir = _cache_dir(digest)
+            found = datasets.load_dataset_builder(str(path), cache_dir=cache_dir)
+            files = [Path(f) for split in found.config.data_files.values() for f in split]
+            text = _csv_as_text(files, found.config.sep) if found.name == "csv" else {}  # .csv and .tsv
+            return datasets.load_dataset(str(path), cache_dir=cache_dir, **text)
         if path.suffix.lower() in _BUILDERS or "/" in data and not _looks_like_hub_id(data):
             raise UserError(f"{data}: no such file or directory")
         return datasets.load_dataset(data)
@@ -35,22 +40,48 @@ def load_splits(data: str) -> dict:
     except (FileNotFoundError, DatasetNotFoundError) as error:
         raise UserError(f"{data}: dataset not found ({error})") from error
     except Exception as error:  # datasets wraps parse errors in several types
-        if path.is_dir() and (mismatch := _files_disagree(path)):
+        if path.is_dir() and (mismatch := _files_disagree(path, _cache_dir(digest))):
             raise UserError(f"{data}: {mismatch}; the data files of a folder need the same columns, of the same types") from error
         cause = error.__cause__ or error
         raise UserError(f"{data}: could not read the data ({type(cause).__name__}: {cause})") from error
 
 
-def _files_disagree(directory: Path) -> str | None:
+def _csv_as_text(files: list[Path], sep: str = ",") -> dict:
+    """load_dataset options that read CSV cells as written: pandas would type each 10,000-row chunk
+    on its own (" 0.50" comes back as "0.5") and read "NA", "null", "nan" as missing. Every column
+    of the first file's header is text; only an empty cell is missing (null), as before."""
+    import csv
+
+    import datasets
+
+    with open(files[0], newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle, delimiter=sep), [])
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "keep_default_na": False, "na_values": [""]}
+
+
+def _cache_dir(digest: str) -> str:
+    """datasets' cache folder for local data of this content: its own key for a converted local file is
+    the path and mtime, so a file rewritten with the same mtime (cp -p, rsync -a, tar) would be read as
+    its old rows. Same bytes, same folder: a rerun reuses the conversion."""
+    import datasets
+
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "mlx_dpo" / digest)
+
+
+def _files_disagree(directory: Path, cache_dir: str) -> str | None:
     """Which two data files of `directory` have other columns (or column types), e.g. "train.jsonl and
     valid.jsonl have different columns (only valid.jsonl has prompt)"; None if they agree. datasets
     refuses such a folder with a many-line cast error naming no file. Reads each file alone."""
     import datasets
 
     try:
-        builder = datasets.load_dataset_builder(str(directory))
+        builder = datasets.load_dataset_builder(str(directory), cache_dir=cache_dir)
         files = [str(f) for split in builder.config.data_files.values() for f in split]
-        features = {f: datasets.load_dataset(builder.name, data_files={"x": [f]}, split="x").features for f in files}
+        features = {f: datasets.load_dataset(builder.name, data_files={"x": [f]}, split="x", cache_dir=cache_dir,
+                                             **(_csv_as_text([Path(f)], builder.config.sep)
+                                                if builder.name == "csv" else {})).features
+                    for f in files}
     except Exception:  # not a disagreement we can name: the caller shows datasets' own message
         return None
     root = directory.resolve()

@@ -2,43 +2,65 @@
 (`JSON parse error ... in row 1` counts parse blocks), it reads bytes that are not UTF-8 without
 complaint, and a JSON field whose type varies between rows becomes a `Json` column whose strings
 are re-parsed (the text "4." comes back as the number 4.0, "[1]" as a list). One streaming pass;
-the error names the file, line, column or field."""
+the error names the file, line, column or field. The same pass hashes every file's bytes: `datasets`
+knows its converted copy of a local file by path and mtime only, so the loader keys it by this digest."""
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import UserError
 
-TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
-
-
-def check_data_files(data: str) -> None:
-    """Raise a one-line UserError for the first unreadable text file of `data` (a file or folder)."""
+def check_data_files(data: str) -> str | None:
+    """Raise a one-line UserError for the first unreadable text file of `data` (a file or folder);
+    return the sha256 of the names and bytes of all its files (None if `data` is no local path)."""
     path = Path(data)
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and not p.name.startswith("."))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
     else:
-        return
+        return None
+    digest = hashlib.sha256()
     for file in files:
+        name = file.name if file == path else file.relative_to(path).as_posix()
+        digest.update(json.dumps(name).encode() + b"\n")
         check = {".jsonl": check_jsonl, ".json": check_json}.get(file.suffix.lower())
         if check is not None:
-            check(file)
-        elif file.suffix.lower() == ".csv":
-            for _ in text_lines(file):
+            check(file, digest)
+        else:  # CSV is checked for UTF-8 here; other files (Parquet, ...) are only hashed
+            lines = text_lines(file, digest) if file.suffix.lower() == ".csv" else _chunks(file, digest)
+            for _ in lines:
                 pass
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
-def text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file, streamed."""
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _open(path: Path):
     try:
-        handle = open(path, "rb")
+        return open(path, "rb")
     except OSError as error:
         raise UserError(f"{path}: cannot read ({error.strerror or error})") from error
-    with handle:
+
+
+def _chunks(path: Path, digest) -> Iterator[bytes]:
+    with _open(path) as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            yield chunk
+
+
+def text_lines(path: Path, digest=None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, streamed; `digest` (a hashlib object) is fed its bytes."""
+    with _open(path) as handle:
         for number, raw in enumerate(handle, 1):
+            if digest is not None:
+                digest.update(raw)
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as error:
@@ -72,9 +94,9 @@ class FieldTypes:
                 self.check(item, where, f"{field}.{key}" if field else key)
 
 
-def check_jsonl(path: Path) -> None:
+def check_jsonl(path: Path, digest=None) -> None:
     rows, types = 0, FieldTypes(path)
-    for number, line in text_lines(path):
+    for number, line in text_lines(path, digest):
         if not line.strip():
             continue
         try:
@@ -89,15 +111,15 @@ def check_jsonl(path: Path) -> None:
         raise UserError(f"{path}: no rows (the file is empty)")
 
 
-def check_json(path: Path) -> None:
-    text = "".join(line for _, line in text_lines(path))
+def check_json(path: Path, digest=None) -> None:
+    text = "".join(line for _, line in text_lines(path, digest))
     if not text.strip():
         raise UserError(f"{path}: no rows (the file is empty)")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # JSON lines in a .json file: datasets reads those too
-            return check_jsonl(path)
+            return check_jsonl(path)  # the bytes are hashed already
         raise UserError(f"{path}: line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from error
     if isinstance(value, list):
         types = FieldTypes(path)
