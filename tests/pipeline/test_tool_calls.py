@@ -6,10 +6,12 @@ Oracle: TRL 1.16's own tokenization functions (`trl.data_utils._tokenize`, `comm
 DPOTrainer uses them) on the rows as written in Python, before any file or Arrow sees them. Rows whose tool-call
 arguments are JSON text, and objects whose keys differ from row to row (Arrow gives every object of a column the
 keys of all of them, as nulls, which a template would render), are checked here; test_real_tokenizers.py runs
-TRL's whole DPOTrainer on rows of one argument shape.
+TRL's whole DPOTrainer on rows of one argument shape. At the end, on the tiny model with a template that renders
+tool calls and tools as JSON: numbers, key order and nulls of object-valued fields as the file writes them.
 """
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -149,3 +151,109 @@ def test_sharegpt_function_call_and_observation():
 ])
 def test_sharegpt_rows_that_cannot_be_read_name_the_reason(messages, chosen, reason):
     assert split(sharegpt(*messages, chosen=chosen)).startswith(reason)
+
+
+# ---- object-valued JSON fields reach the template as written (Arrow gives a column one type and key order)
+
+# The tiny model's template, plus the tool calls of assistant messages rendered as JSON (as Qwen3's does)
+CALLS_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' + message['content'] }}"
+    "{% for call in message.get('tool_calls') or [] %}{{ call.function.name + ' ' + (call.function.arguments | tojson) }}"
+    "{% endfor %}{{ eos_token }}{% else %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def _forecast_row(days):
+    call = {"type": "function", "function": {"name": "forecast", "arguments": {"city": "Lima", "days": days}}}
+    return {"prompt": [{"role": "user", "content": f"Weather in Lima for {days} days?"}],
+            "chosen": [{"role": "assistant", "content": "", "tool_calls": [call]}],
+            "rejected": [{"role": "assistant", "content": "I cannot tell."}]}
+
+
+@pytest.mark.parametrize("name", ["calls.jsonl", "calls.json"])
+def test_a_tool_call_argument_reaches_the_template_as_written(tiny_model_dir, tmp_path, name):
+    """README: "messages go to the chat template as written (answers may call tools too; arguments a
+    JSON string or an object, one of the two per file)". A JSON number written as an integer in one row
+    and with a fraction in another passes the type check (both are "a number"), and Arrow gave the whole
+    column float64: row 0's `3` reached the chat template as `3.0`, with no error and no reject."""
+    from mlx_dpo.models import load_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text(CALLS_TEMPLATE)
+    data = tmp_path / name
+    if name.endswith(".json"):  # an array of rows, one row a line (so line 0 below is row 0)
+        data.write_text("[\n" + ",\n".join(json.dumps(r) for r in [_forecast_row(3), _forecast_row(2.5)]) + "\n]\n")
+    else:
+        tiny_models.write_jsonl(data, [_forecast_row(3), _forecast_row(2.5)])
+    tiny_models.run_cli("precompute", "--model", model, "--data", data, "--out", tmp_path / "c", "--max-length", "256")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    cached = pq.read_table(tmp_path / "c" / manifest["splits"]["train"]["shards"][0]["path"]).to_pylist()
+    tokenizer = load_tokenizer(model)
+    # the oracle: the chat template on row 0 exactly as the file holds it
+    row = _forecast_row(3)
+    expected = tokenizer.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
+    assert '"days": 3}' in expected
+    trained = tokenizer.decode(cached[0]["chosen_ids"])
+    assert '"days": 3}' in trained, f"row 0's chosen answer as trained: {trained!r}"
+
+
+def test_a_tools_list_keeps_its_null_values(tiny_model_dir, tmp_path):
+    """README: "`tools` as a list or its JSON text, kept as written: null values too". Written as a list
+    (not JSON text), a schema's explicit `"default": null` is dropped with the nulls Arrow fills in."""
+    from mlx_dpo.models import load_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text("{% if tools %}{{ '<|system|>\n' + (tools | tojson) + '\n' }}{% endif %}"
+                                               + CALLS_TEMPLATE)
+    tool = {"type": "function", "function": {"name": "forecast", "parameters": {
+        "type": "object", "properties": {"units": {"type": "string", "default": None}}}}}
+    row = {"prompt": [{"role": "user", "content": "Weather in Lima?"}],
+           "chosen": [{"role": "assistant", "content": "Sunny."}],
+           "rejected": [{"role": "assistant", "content": "No idea."}], "tools": [tool]}
+    data = tiny_models.write_jsonl(tmp_path / "tools.jsonl", [row])
+    tiny_models.run_cli("precompute", "--model", model, "--data", data, "--out", tmp_path / "c", "--max-length", "256")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    cached = pq.read_table(tmp_path / "c" / manifest["splits"]["train"]["shards"][0]["path"]).to_pylist()
+    tokenizer = load_tokenizer(model)
+    prompt = tokenizer.decode(cached[0]["prompt_ids"])
+    assert '"default": null' in prompt, f"the prompt as trained: {prompt!r}"
+
+
+def test_a_tool_call_keeps_the_key_order_it_is_written_in(tiny_model_dir, tmp_path):
+    """README: messages go to the chat template "as written". Arrow gives every object of a column the
+    field order of the first: row 1's arguments, written
+    {"days": 2, "city": "Quito"}, reach the template (tojson keeps dict order) as {"city": ..., "days": ...}."""
+    from mlx_dpo.models import load_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text(CALLS_TEMPLATE)
+    second = _forecast_row(2)
+    second["chosen"][0]["tool_calls"][0]["function"]["arguments"] = {"days": 2, "city": "Quito"}
+    data = tiny_models.write_jsonl(tmp_path / "calls.jsonl", [_forecast_row(3), second])
+    tiny_models.run_cli("precompute", "--model", model, "--data", data, "--out", tmp_path / "c", "--max-length", "256")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    cached = pq.read_table(tmp_path / "c" / manifest["splits"]["train"]["shards"][0]["path"]).to_pylist()
+    trained = load_tokenizer(model).decode(cached[1]["chosen_ids"])
+    assert '{"days": 2, "city": "Quito"}' in trained, f"row 1's chosen answer as trained: {trained!r}"
+
+
+def test_a_cache_is_not_reused_for_the_same_objects_in_another_key_order(tiny_model_dir, tmp_path):
+    """README (Identity): different inputs into the same `--out` are refused. The identity hashes objects
+    with sorted keys; row 1's arguments in another order train other token ids, so they count."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text(CALLS_TEMPLATE)
+    second = _forecast_row(2)
+    tiny_models.write_jsonl(tmp_path / "calls.jsonl", [_forecast_row(3), second])
+    tiny_models.run_cli("precompute", "--model", model, "--data", tmp_path / "calls.jsonl", "--out", tmp_path / "c",
+                        "--max-length", "256")
+    second["chosen"][0]["tool_calls"][0]["function"]["arguments"] = {"days": 2, "city": "Lima"}
+    tiny_models.write_jsonl(tmp_path / "calls.jsonl", [_forecast_row(3), second])
+    again = tiny_models.run_cli("precompute", "--model", model, "--data", tmp_path / "calls.jsonl",
+                                "--out", tmp_path / "c", "--max-length", "256", ok=False)
+    assert "Reusing cache" not in again.output, again.output

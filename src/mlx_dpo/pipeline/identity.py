@@ -12,6 +12,7 @@ from ..schemas import SCHEMA_VERSION, tokenizer_fingerprint
 from ..schemas.identity import TOKENIZATION_RULES
 from .config import PrecomputeConfig
 from .formats import Fields
+from .jsontext import KeyOrders, WrittenJson
 from .reference import reference_variant
 from .sources import EVAL_CACHE_SPLIT, Source
 
@@ -19,16 +20,26 @@ from .sources import EVAL_CACHE_SPLIT, Source
 def data_hash(source: Source, fields: Fields) -> str:
     """sha256 over each row's input position and the values of the columns the run reads, keyed by
     their role (prompt, chosen, rejected, system, ...): other columns, the column names and a role
-    whose column the data lacks (or holds null) do not count."""
+    whose column the data lacks (or holds null) do not count. Keys are sorted, but an object whose
+    key order differs from its column's first one adds that order (a template may render it)."""
     columns = source.dataset.column_names
     roles = {f.name: getattr(fields, f.name) for f in dataclasses.fields(fields)}
     present = {role: column for role, column in roles.items() if column in columns}
     used = source.dataset.select_columns(sorted(set(present.values())))
-    digest = hashlib.sha256()
+    digest, orders = hashlib.sha256(), KeyOrders()
     for index, row in zip(source.indices, used):
-        values = {role: row[column] for role, column in present.items() if row[column] is not None}
-        digest.update(json.dumps([index, values], sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
+        values = {role: _as_read(row[column]) for role, column in present.items() if row[column] is not None}
+        record = [index, values]
+        if deviations := orders.deviations(values):  # only then, so other rows keep their identity
+            record.append(deviations)
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
     return digest.hexdigest()
+
+
+def _as_read(value):
+    """A column value as hashed: the object a JSON file's tools or chat_template_kwargs hold, not
+    the text the loader keeps them as (jsontext.WrittenJson), so their identity is the object's."""
+    return json.loads(value) if isinstance(value, WrittenJson) else value
 
 
 def identity_fields(cfg: PrecomputeConfig, sources: dict[str, Source], eval_name: str | None,

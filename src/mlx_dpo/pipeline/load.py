@@ -3,6 +3,8 @@
 from pathlib import Path
 
 from ..errors import UserError
+from .formats import Fields
+from .jsontext import json_text_copies, parse_json_text
 from .validate import check_data_files
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -17,21 +19,13 @@ def load_splits(data: str) -> dict:
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()  # our error is one line; datasets would log its own first
-    digest = check_data_files(data)
+    check = check_data_files(data)
     path = Path(data)
     try:
-        if path.is_file():
-            builder = _BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise UserError(f"{data}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
-            return datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=_cache_dir(digest),
-                                         **(_csv_as_text([path]) if builder == "csv" else {}))
-        if path.is_dir():
-            cache_dir = _cache_dir(digest)
-            found = datasets.load_dataset_builder(str(path), cache_dir=cache_dir)
-            files = [Path(f) for split in found.config.data_files.values() for f in split]
-            text = _csv_as_text(files, found.config.sep) if found.name == "csv" else {}  # .csv and .tsv
-            return datasets.load_dataset(str(path), cache_dir=cache_dir, **text)
+        if path.is_file() and path.suffix.lower() not in _BUILDERS:
+            raise UserError(f"{data}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
+        if path.is_file() or path.is_dir():
+            return _load_local(path, check)
         if path.suffix.lower() in _BUILDERS or "/" in data and not _looks_like_hub_id(data):
             raise UserError(f"{data}: no such file or directory")
         return datasets.load_dataset(data)
@@ -40,10 +34,35 @@ def load_splits(data: str) -> dict:
     except (FileNotFoundError, DatasetNotFoundError) as error:
         raise UserError(f"{data}: dataset not found ({error})") from error
     except Exception as error:  # datasets wraps parse errors in several types
-        if path.is_dir() and (mismatch := _files_disagree(path, _cache_dir(digest))):
+        if path.is_dir() and (mismatch := _files_disagree(path, _cache_dir(check.digest))):
             raise UserError(f"{data}: {mismatch}; the data files of a folder need the same columns, of the same types") from error
         cause = error.__cause__ or error
         raise UserError(f"{data}: could not read the data ({type(cause).__name__}: {cause})") from error
+
+
+def _load_local(path: Path, check):
+    """A local file or folder as a DatasetDict, datasets' conversion keyed by the content's sha256;
+    CSV cells as text, and the object-valued fields of JSON files as written (jsontext.py)."""
+    import datasets
+
+    cache_dir = _cache_dir(check.digest)
+    if path.is_file():
+        builder, files, sep = _BUILDERS[path.suffix.lower()], {"train": [path]}, ","
+    else:
+        found = datasets.load_dataset_builder(str(path), cache_dir=cache_dir)
+        builder, sep = found.name, getattr(found.config, "sep", ",")
+        files = {split: [Path(f) for f in names] for split, names in found.config.data_files.items()}
+        if builder not in ("json", "csv"):  # Parquet and others: typed by their writer
+            return datasets.load_dataset(str(path), cache_dir=cache_dir)
+    options = {"sep": sep, **_csv_as_text(next(iter(files.values())), sep)} if builder == "csv" else {}  # also .tsv
+    if builder == "json" and check.object_columns:
+        files = {split: json_text_copies(names, path, check.object_columns, Path(cache_dir)) for split, names in files.items()}
+    loaded = datasets.load_dataset(builder, data_files={split: [str(f) for f in names] for split, names in files.items()},
+                                   cache_dir=cache_dir, **options)
+    if builder == "json":
+        keep_text = {Fields.tools, Fields.chat_template_kwargs}
+        loaded = datasets.DatasetDict({s: parse_json_text(d, check.object_columns, keep_text) for s, d in loaded.items()})
+    return loaded
 
 
 def _csv_as_text(files: list[Path], sep: str = ",") -> dict:

@@ -8,33 +8,43 @@ knows its converted copy of a local file by path and mtime only, so the loader k
 import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 
-def check_data_files(data: str) -> str | None:
-    """Raise a one-line UserError for the first unreadable text file of `data` (a file or folder);
-    return the sha256 of the names and bytes of all its files (None if `data` is no local path)."""
+@dataclass
+class DataCheck:
+    """What the validation pass found: `digest`, the sha256 of the names and bytes of all files of a
+    local `data` (None for a hub id), and `object_columns`, the top-level JSON fields holding an
+    object or an array in some row of a .jsonl/.json file."""
+
+    digest: str | None = None
+    object_columns: set[str] = field(default_factory=set)
+
+
+def check_data_files(data: str) -> DataCheck:
+    """Raise a one-line UserError for the first unreadable text file of `data` (a file or folder)."""
     path = Path(data)
     if path.is_file():
         files = [path]
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
     else:
-        return None
-    digest = hashlib.sha256()
+        return DataCheck()
+    digest, objects = hashlib.sha256(), set()
     for file in files:
         name = file.name if file == path else file.relative_to(path).as_posix()
         digest.update(json.dumps(name).encode() + b"\n")
         check = {".jsonl": check_jsonl, ".json": check_json}.get(file.suffix.lower())
         if check is not None:
-            check(file, digest)
+            objects |= check(file, digest)
         else:  # CSV is checked for UTF-8 here; other files (Parquet, ...) are only hashed
             lines = text_lines(file, digest) if file.suffix.lower() == ".csv" else _chunks(file, digest)
             for _ in lines:
                 pass
         digest.update(b"\0")
-    return digest.hexdigest()
+    return DataCheck(digest.hexdigest(), objects)
 
 
 def _hidden(relative: Path) -> bool:
@@ -94,8 +104,13 @@ class FieldTypes:
                 self.check(item, where, f"{field}.{key}" if field else key)
 
 
-def check_jsonl(path: Path, digest=None) -> None:
-    rows, types = 0, FieldTypes(path)
+def _objects(row: dict) -> set[str]:
+    return {key for key, value in row.items() if isinstance(value, (dict, list))}
+
+
+def check_jsonl(path: Path, digest=None) -> set[str]:
+    """Check a JSON-lines file; returns its object-valued top-level fields."""
+    rows, types, objects = 0, FieldTypes(path), set()
     for number, line in text_lines(path, digest):
         if not line.strip():
             continue
@@ -106,12 +121,15 @@ def check_jsonl(path: Path, digest=None) -> None:
         if not isinstance(value, dict):
             raise UserError(f"{path}: line {number}: expected a JSON object, got {_json_type(value)}")
         types.check(value, f"line {number}")
+        objects |= _objects(value)
         rows += 1
     if rows == 0:
         raise UserError(f"{path}: no rows (the file is empty)")
+    return objects
 
 
-def check_json(path: Path, digest=None) -> None:
+def check_json(path: Path, digest=None) -> set[str]:
+    """Check a .json file (an array of rows, or JSON lines); returns its object-valued top-level fields."""
     text = "".join(line for _, line in text_lines(path, digest))
     if not text.strip():
         raise UserError(f"{path}: no rows (the file is empty)")
@@ -121,10 +139,13 @@ def check_json(path: Path, digest=None) -> None:
         if error.msg == "Extra data":  # JSON lines in a .json file: datasets reads those too
             return check_jsonl(path)  # the bytes are hashed already
         raise UserError(f"{path}: line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from error
+    objects = set()
     if isinstance(value, list):
         types = FieldTypes(path)
         for number, row in enumerate(value):
             types.check(row, f"row {number}")
+            objects |= _objects(row) if isinstance(row, dict) else set()
+    return objects
 
 
 def _json_type(value) -> str:
