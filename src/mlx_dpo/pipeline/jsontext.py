@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-
 class MixedTypes(ValueError):
     """A field is a string in one data file and an object or array in another: the loader then names
     the two files (load._files_disagree), as for any two files that disagree."""

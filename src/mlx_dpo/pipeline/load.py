@@ -55,14 +55,13 @@ def _load_local(path: Path, check):
         if builder not in ("json", "csv"):  # Parquet and others: typed by their writer
             return datasets.load_dataset(str(path), cache_dir=cache_dir)
     options = {"sep": sep, **_csv_as_text(next(iter(files.values())), sep)} if builder == "csv" else {}  # also .tsv
-    if builder == "json" and check.object_columns:
-        files = {split: json_text_copies(names, path, check.object_columns, Path(cache_dir)) for split, names in files.items()}
-    loaded = datasets.load_dataset(builder, data_files={split: [str(f) for f in names] for split, names in files.items()},
-                                   cache_dir=cache_dir, **options)
-    if builder == "json":
-        keep_text = {Fields.tools, Fields.chat_template_kwargs}
-        loaded = datasets.DatasetDict({s: parse_json_text(d, check.object_columns, keep_text) for s, d in loaded.items()})
-    return loaded
+    objects = check.object_columns if builder == "json" else set()
+    if objects:
+        files = {split: json_text_copies(names, path, objects, Path(cache_dir)) for split, names in files.items()}
+    data_files = {split: [str(f) for f in names] for split, names in files.items()}
+    loaded = datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, **options)
+    keep_text = {Fields.tools, Fields.chat_template_kwargs}
+    return datasets.DatasetDict({split: parse_json_text(d, objects, keep_text) for split, d in loaded.items()})
 
 
 def _csv_as_text(files: list[Path], sep: str = ",") -> dict:

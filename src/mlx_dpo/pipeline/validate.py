@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
+
 @dataclass
 class DataCheck:
     """What the validation pass found: `digest`, the sha256 of the names and bytes of all files of a
