@@ -118,6 +118,90 @@ def test_train_accepts_its_own_tokenizer_the_day_after(tiny_model_dir, conversat
     assert result.exit_code == 0 and "tokenizer differs" not in result.output, result.output
 
 
+# ---- the tokenizer: what lives in the Python wrapper, not the backend's serialization
+
+def _split_special(model_dir, tmp_path):
+    copy = tmp_path / "model-split-special"
+    shutil.copytree(model_dir, copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config["split_special_tokens"] = True
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_split_special_tokens_changes_the_tokenizer_fingerprint(tiny_model_dir, tmp_path):
+    """tokenizer_config.json's `split_special_tokens` changes every token id of text holding a special
+    token (the EOS precompute appends, a template's role tokens); the probe holds none, and the flag
+    lives on the wrapper. README (Identity): the fingerprint covers "the tokenizer's whole behaviour"."""
+    from mlx_dpo.models import load_tokenizer
+    from mlx_dpo.schemas import tokenizer_fingerprint
+
+    plain, split = load_tokenizer(tiny_model_dir), load_tokenizer(_split_special(tiny_model_dir, tmp_path))
+    text = "Hi there." + plain.eos_token  # what precompute tokenizes for a plain-text answer
+    assert plain(text)["input_ids"] != split(text)["input_ids"]  # the two tokenize the data differently
+    assert tokenizer_fingerprint(plain) != tokenizer_fingerprint(split)
+
+
+def test_a_cache_of_other_token_ids_is_not_reused_for_split_special_tokens(tiny_model_dir, tmp_path):
+    data = tiny_models.write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Q{i}: hi?", "chosen": " yes.", "rejected": " no."}
+                                                          for i in range(3)])
+    tiny_models.run_cli("precompute", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "c",
+                        "--max-length", "64")
+    result = tiny_models.run_cli("precompute", "--model", _split_special(tiny_model_dir, tmp_path), "--data", data,
+                                 "--out", tmp_path / "c", "--max-length", "64", ok=False)
+    assert "Reusing cache" not in result.output, result.output
+
+
+def _custom_tokenizer(model_dir, folder, normalises: bool, helper: bool = False):
+    """A copy of the model whose tokenizer is a Python class shipped beside it (tokenizer_config.json's
+    auto_map, as Qwen-1's tokenization_qwen.py): version 2 of its code maps 'colour' to 'color' (with
+    `helper`, in a file the class imports relatively)."""
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="CustomTokenizer", auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    rule = f"text.replace('colour', 'color') if {normalises} else text"
+    (folder / "normalise.py").write_text(f"def normalise(text):\n    return {rule if helper else 'text'}\n")
+    (folder / "tokenization_custom.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n"
+        + ("from .normalise import normalise\n\n" if helper else "\n")
+        + "class CustomTokenizer(PreTrainedTokenizerFast):\n"
+        "    def __call__(self, text=None, *args, **kwargs):\n"
+        "        if isinstance(text, str):\n"
+        f"            text = {'normalise(text)' if helper else rule}\n"
+        "        return super().__call__(text, *args, **kwargs)\n")
+    return folder
+
+
+@pytest.mark.parametrize("helper", [False, True], ids=["class-file", "imported-file"])
+def test_a_custom_tokenizers_code_is_part_of_its_fingerprint(tiny_model_dir, tmp_path, helper):
+    """With --trust-remote-code, a tokenizer class the model ships (auto_map) decides the ids in Python:
+    its file and the files it imports relatively are in the fingerprint. README (Identity): the
+    fingerprint covers "the tokenizer's whole behaviour"."""
+    from mlx_dpo.models import load_tokenizer
+    from mlx_dpo.schemas import tokenizer_fingerprint
+
+    v1 = load_tokenizer(_custom_tokenizer(tiny_model_dir, tmp_path / "v1", False, helper), trust_remote_code=True)
+    v2 = load_tokenizer(_custom_tokenizer(tiny_model_dir, tmp_path / "v2", True, helper), trust_remote_code=True)
+    again = load_tokenizer(_custom_tokenizer(tiny_model_dir, tmp_path / "again", False, helper), trust_remote_code=True)
+    text = "The colour is red."
+    assert v1(text)["input_ids"] != v2(text)["input_ids"]  # the premise: the code changes the ids
+    assert tokenizer_fingerprint(v1) != tokenizer_fingerprint(v2)
+    assert tokenizer_fingerprint(v1) == tokenizer_fingerprint(again)  # the same code in another folder
+
+
+def test_a_cache_is_not_reused_after_the_tokenizer_code_changed(tiny_model_dir, tmp_path):
+    """README (Identity): "`train` checks the cache against its policy's tokenizer and refuses a mismatch";
+    precompute does not reuse a cache made with other tokenizer code."""
+    data = tiny_models.write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Q{i}: which colour?", "chosen": " The colour red.",
+                                                           "rejected": " Blue."} for i in range(3)])
+    for version, normalises in (("v1", False), ("v2", True)):
+        model = _custom_tokenizer(tiny_model_dir, tmp_path / version, normalises)
+        result = tiny_models.run_cli("precompute", "--model", model, "--data", data, "--out", tmp_path / "c",
+                                     "--max-length", "64", "--trust-remote-code", ok=version == "v1")
+    assert "Reusing cache" not in result.output, result.output
+
+
 # ---- what mlx-lm loads: model code, quantization settings, tensors
 
 def test_the_model_file_mlx_lm_runs_is_part_of_the_identity(tiny_model_dir, standard_data, tmp_path):

@@ -68,10 +68,40 @@ def _backend_state(tokenizer):
     return files or {"vocab": sorted(tokenizer.get_vocab().items())}
 
 
+# Packages whose tokenizer code is pinned by their installed version, not hashed per model.
+_LIBRARY_PACKAGES = ("transformers", "tokenizers", "builtins")
+
+
+def _custom_code(tokenizer) -> dict:
+    """{class name: sha256 of its source file and the files it imports relatively} for each class of
+    the tokenizer not from transformers/tokenizers: a model's own tokenization_*.py (auto_map, loaded
+    under --trust-remote-code), whose Python decides the ids. By file name, not path, so a moved model
+    keeps its fingerprint. {} for library tokenizers. A class without a source file counts by name."""
+    import inspect
+
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    code = {}
+    for cls in type(tokenizer).__mro__:
+        if cls.__module__.split(".")[0] in _LIBRARY_PACKAGES:
+            continue
+        try:
+            source = inspect.getsourcefile(cls)
+        except TypeError:  # defined outside any file
+            source = None
+        if source is None or not Path(source).is_file():
+            code[cls.__qualname__] = None
+            continue
+        files = [Path(source)] + [Path(f) for f in get_relative_import_files(source)]
+        code[f"{Path(source).stem}.{cls.__qualname__}"] = hash_files(files)
+    return code
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of what decides token ids and rendered conversations: the backend (_backend_state),
     the full vocabulary with added tokens, the special tokens, the chat template text(s), and how a
-    probe string encodes (the wrapper's own BOS/EOS adding). Nothing clock-dependent is rendered: a
+    probe string encodes (the wrapper's own BOS/EOS adding), and the source of a custom tokenizer class
+    (_custom_code). Nothing clock-dependent is rendered: a
     template calling strftime_now counts by its text, not by today's output."""
     state = {
         "backend": _backend_state(tokenizer),
@@ -86,6 +116,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     # on, so other tokenizers keep their fingerprint.
     if getattr(tokenizer, "split_special_tokens", False):
         state["split_special_tokens"] = True
+    # Python tokenizer code shipped with the model: only when present, as above.
+    if code := _custom_code(tokenizer):
+        state["code"] = code
     return hashlib.sha256(_canonical(state)).hexdigest()
 
 
