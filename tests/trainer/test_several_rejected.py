@@ -57,3 +57,49 @@ def test_trains_with_both_aggregations(caches, tiny_model_dir, aggregation, step
     assert records[0]["loss"] == pytest.approx(step0, abs=1e-4)
     assert abs(records[0]["rewards/margins"]) < 1e-4
     assert all(math.isfinite(r["loss"]) for r in records) and len(records) == 3
+
+
+MERGING = {"prompt": "The capital of Fra", "chosen": " Paris is the capital.", "rejected": ["nce is Berlin.", " Rome."]}
+
+
+def _rows(cache):
+    manifest = json.loads((cache / "manifest.json").read_text())
+    rows = [r for s in manifest["splits"]["train"]["shards"] for r in pq.read_table(cache / s["path"]).to_pylist()]
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def test_comparison_k_of_a_row_is_the_kth_split_pair(tiny_model_dir, tmp_path):
+    """README (Several rejected answers per prompt): `pairwise` is "the mean over the K (chosen, rejected)
+    pairs, identical to splitting the row into K pairs: a test checks it". A row stores one prompt and
+    one chosen answer, so where the pairs would split the prompt at different tokens (one rejected answer
+    merges with the prompt's end: "Fra" + "nce", the others do not) comparison k could not be the k-th
+    pair (chosen logps, lengths, rewards/chosen, the NLL and length-using losses would differ): that row
+    is rejected with its reason and counted. Rows whose pairs agree (the chosen answer merging, or none)
+    are cached, each comparison exactly its split pair."""
+    rows = [MERGING,
+            {**MERGING, "chosen": "nce: Paris.", "rejected": [" Berlin.", " Rome."]},  # the chosen merges: all pairs alike
+            {**MERGING, "prompt": "Hi", "rejected": [" no.", " nope."]}]
+    tiny_models.write_jsonl(tmp_path / "several.jsonl", rows)
+    tiny_models.write_jsonl(tmp_path / "pairs.jsonl", [{**r, "rejected": a} for r in rows for a in r["rejected"]])
+    for name in ("several", "pairs"):
+        tiny_models.run_cli("precompute", "--model", tiny_model_dir, "--data", tmp_path / f"{name}.jsonl",
+                            "--out", tmp_path / name, "--max-length", "64")
+    several, pairs = _rows(tmp_path / "several"), _rows(tmp_path / "pairs")
+    assert pairs[0]["prompt_ids"] != pairs[1]["prompt_ids"]  # the premise: row 0's pairs split the prompt apart
+    assert pairs[2]["prompt_ids"] == pairs[3]["prompt_ids"] != pairs[1]["prompt_ids"]  # row 1's agree, inside it
+
+    manifest = json.loads((tmp_path / "several" / "manifest.json").read_text())
+    rejects = [json.loads(line) for line in open(tmp_path / "several" / "rejects.jsonl")]
+    assert manifest["splits"]["train"]["rows_rejected"] == 1 and [r["index"] for r in rejects] == [0]
+    assert "rejected answer(s) 1 (of 2)" in rejects[0]["reason"] and "separate pairs" in rejects[0]["reason"]
+    assert [r["index"] for r in several] == [1, 2]
+    for row in several:
+        for k in range(2):
+            pair = pairs[2 * row["index"] + k]
+            assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"][k]) == \
+                (pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]), f"row {row['index']} comparison {k}"
+            # what length-normalised losses (ipo, sigmoid_norm, simpo), c/r-separate ones, the NLL and rewards/chosen read
+            assert row["n_chosen_tokens"] == pair["n_chosen_tokens"]
+            assert row["n_rejected_tokens"][k] == pair["n_rejected_tokens"]
+            assert row["ref_chosen_logps"] == pytest.approx(pair["ref_chosen_logps"], abs=1e-5)
+            assert row["ref_rejected_logps"][k] == pytest.approx(pair["ref_rejected_logps"], abs=1e-5)

@@ -129,10 +129,20 @@ def _dropped_tail(tokenizer, prompt_ids: list[int], start: int, sequences: list[
     return tail
 
 
+def _split_apart_reason(pair_starts: list[int]) -> str:
+    early = [str(k) for k, start in enumerate(pair_starts, 1) if start < max(pair_starts)]
+    return (f"rejected answer(s) {', '.join(early)} (of {len(pair_starts)}) leave the prompt's tokens earlier than "
+            "the others (tokens merging across the prompt's end, or a template rendering its end otherwise): with "
+            "one shared prompt the (chosen, rejected) comparisons would not be the row's split pairs; give the row "
+            "as separate pairs")
+
+
 def encode_row(tokenizer, row: dict, chat_template_kwargs: dict | None = None) -> Encoded:
     """Token ids for one {prompt, chosen, rejected[, tools, chat_template_kwargs]} row (TRL's
     convention, see module docstring); `chat_template_kwargs` are the run's template options.
-    With K rejected answers, rejected_ids is a list of K id lists sharing one prompt."""
+    With K rejected answers, rejected_ids is a list of K id lists sharing one prompt; a row whose
+    (chosen, rejected_k) pairs would split the prompt at different tokens is rejected, so each
+    comparison stays the pair it is when the row is split."""
     several = is_several(row["rejected"])
     for field in ("prompt", "chosen") + (() if several else ("rejected",)):
         _check_text(row, field)
@@ -150,8 +160,13 @@ def encode_row(tokenizer, row: dict, chat_template_kwargs: dict | None = None) -
     prompt_chosen = _completion_ids(tokenizer, prompt, chosen, options)
     prompt_rejected = [_completion_ids(tokenizer, prompt, answer, options) for answer in rejected_list]
 
-    # The completion starts where the prompt alone and prompt+completion diverge (for all answers).
-    start = min(common_prefix_length(prompt_ids, ids) for ids in [prompt_chosen, *prompt_rejected])
+    # The completion starts where the prompt alone and prompt+completion diverge (for both answers of a pair).
+    chosen_start = common_prefix_length(prompt_ids, prompt_chosen)
+    pair_starts = [min(chosen_start, common_prefix_length(prompt_ids, ids)) for ids in prompt_rejected]
+    start = min(pair_starts)
+    if len(set(pair_starts)) > 1:
+        # One prompt_ids/chosen_ids per row: comparison k equals the k-th split pair only if all pairs start alike.
+        raise RowRejected(_split_apart_reason(pair_starts))
     rejected_ids = [ids[start:] for ids in prompt_rejected]
     if not prompt_chosen[start:] or not all(rejected_ids):
         raise RowRejected("completion is empty after tokenization")
