@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import tiny_models
+from mlx_dpo.schemas.identity import SEVERAL_REJECTED_RULES, TOKENIZATION_RULES
 
 run = tiny_models.invoke_cli
 
@@ -93,6 +94,10 @@ def test_comparison_k_of_a_row_is_the_kth_split_pair(tiny_model_dir, tmp_path):
     assert manifest["splits"]["train"]["rows_rejected"] == 1 and [r["index"] for r in rejects] == [0]
     assert "rejected answer(s) 1 (of 2)" in rejects[0]["reason"] and "separate pairs" in rejects[0]["reason"]
     assert [r["index"] for r in several] == [1, 2]
+    # so a K cache made before this rule (the row cached) is not reused; caches of single answers keep theirs
+    pairs_manifest = json.loads((tmp_path / "pairs" / "manifest.json").read_text())
+    assert (manifest["identity_fields"]["tokenization_rules"], pairs_manifest["identity_fields"]["tokenization_rules"]) \
+        == (SEVERAL_REJECTED_RULES, TOKENIZATION_RULES) and SEVERAL_REJECTED_RULES != TOKENIZATION_RULES
     for row in several:
         for k in range(2):
             pair = pairs[2 * row["index"] + k]

@@ -23,6 +23,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Version of how mlx-dpo turns a row into token ids (pipeline/formats.py, encode.py): bump it when
 # those rules change, so caches built under the old rules are not reused.
 TOKENIZATION_RULES = 2  # 2: TRL's extract_prompt split, ShareGPT, tools and template options (#12)
+# The rules for data with K rejected answers: 3, a row whose (chosen, rejected_k) pairs leave the prompt
+# at different tokens is rejected (before, it was cached, its comparisons not its split pairs). Data of
+# single answers keeps TOKENIZATION_RULES, so its caches keep their identity.
+SEVERAL_REJECTED_RULES = 3
 
 
 class CacheMismatch(Exception):
