@@ -3,7 +3,7 @@ under mlx.launch too). A LoRA B starts at 0, so after one step with --max-grad-n
 adapters.safetensors is minus that step's gradient, exactly (0 - 1·g): tests read a step's gradient there.
 AdamW would hide it: its first step is ±learning rate whatever the gradient's size."""
 
-import sys
+import sys  # noqa: I001  (the order below is deliberate)
 
 import mlx_dpo  # noqa: F401  (first: loads OpenBLAS before mlx)
 import mlx.optimizers as optim
