@@ -274,7 +274,7 @@ def _variants_table(res) -> list[str]:
                          f"{_gb(tv.get(f'{name}_peak_bytes'))} |")
     elif tv:
         lines.append(f"\nTrain step variants: not run: {tv['error']}")
-    return lines + _head_table(res) + _prompt_once_table(res.get("prompt_once") or {})
+    return lines + _head_table(res) + _prompt_once_table(res.get("prompt_once") or {}) + _padding_free_table(res)
 
 
 def _head_table(res) -> list[str]:
@@ -310,4 +310,37 @@ def _prompt_once_table(po: dict) -> list[str]:
                      f"{r['src_tokens']:,} / {r['once_tokens']:,} | {r['src_step_s']:.2f} / {r['once_step_s']:.2f} "
                      f"({r['once_vs_src_step']:.2f}x) | {r['src_forward_s']:.2f} / {r['once_forward_s']:.2f} "
                      f"({r['once_vs_src_forward']:.2f}x) | {r['max_abs_diff']:.1e} |")
+    return lines
+
+
+def _padding_free_table(res) -> list[str]:
+    """The padded step against each row run alone at its own width (bench/padding_free.py)."""
+    pf, shapes = res.get("padding_free"), res.get("padding_free_shapes") or {}
+    if not pf:
+        return []
+    if "error" in pf:
+        return ["", f"Padding-free rows: not run: {pf['error']}"]
+    lines = ["", f"Padding-free rows (`mlx_dpo.padding_free`: each row's body alone, at its own width), bench-125m, 4 pairs: "
+             f"{pf['needed_positions']:,} body positions needed, {pf['padded_positions']:,} run padded; seconds (wall) and "
+             f"process CPU seconds per step, fastest of {pf['reps']}; a first call traces a compiled step:", "",
+             "| fine-tuning | layout | positions | s/step | vs padded | CPU s | CPU vs padded | first call s | peak GB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    labels = (("padded", "padded (train's compiled step)", "padded_positions"), ("padded_eager", "padded, not compiled", "padded_positions"),
+              ("rows_x8", "rows x8, compiled (a trace per tuple of widths)", "rows_x8_positions"),
+              ("rows_eager", "rows unrounded, not compiled", "needed_positions"))
+    for ft in ("lora", "full"):
+        for name, label, positions in labels:
+            if f"{ft}_{name}_s" in pf:
+                key = f"{ft}_{name}"
+                cells = [_cell(pf, key + suffix, pattern) for suffix, pattern in (
+                    ("_s", "{:.2f}"), ("_vs_padded", "{:.2f}x"), ("_cpu_s", "{:.2f}"), ("_cpu_vs_padded", "{:.2f}x"),
+                    ("_first_call_s", "{:.2f}"))]
+                lines.append(f"| {ft} | {label} | {pf[positions]:,} | {' | '.join(cells)} | {_gb(pf.get(key + '_peak_bytes'))} |")
+    if shapes and "error" not in shapes:
+        lines += ["", f"Over an epoch ({shapes['steps']:,} steps of batch 4, the bench's lengths): padded, "
+                  f"{shapes['padded_waste']:.1%} of the body's positions are padding and the step meets "
+                  f"{shapes['padded_shapes']} input shapes; rows x8, {shapes['rows_x8_waste']:.1%} and "
+                  f"{shapes['rows_x8_shapes']:,} tuples of widths (compiled: one trace each); rows x32 growing 1.25x a rung, "
+                  f"{shapes['rows_x32_r1.25_waste']:.1%} and {shapes['rows_x32_r1.25_shapes']:,} "
+                  f"({shapes['rows_x32_r1.25_shapes_sorted']:,} with the rows sorted by width)."]
     return lines

@@ -182,6 +182,11 @@ def run(mode: str, with_peers: bool, lean: bool = False) -> dict:
     for key, path, cache in (("head_variants", model, step_cache), ("head_variants_vocab", vocab_model, vocab_cache)):
         res[key] = task(f"LM head backward variants ({key})", "variants.py", "head_variants", dict(
             model=path, cache=cache, reps=m["variants_reps"] - 1))
+    res["padding_free"] = task("padding-free rows: train step variants", "padding_free.py", "step_variants", dict(
+        model=model, cache=step_cache, reps=m["variants_reps"] - 1, names=["padded", "padded_eager", "rows_x8", "rows_eager"]))
+    res["padding_free_shapes"] = task("padding-free rows: padding and compiled signatures", "padding_free.py", "shape_counts",
+                                      dict(pairs=m["padding_pairs"], prompt_mean=m["prompt_mean"],
+                                           response_mean=m["response_mean"], out=str(root / "padding")))
     answers = m["response_mean"] // 2  # prompt-heavy data: prompts 4x the answers
     res["prompt_once"] = {
         f"{data}_{ft}": task(f"prompt once per pair, {data} data, {ft}", "variants.py", "prompt_once_variants", dict(

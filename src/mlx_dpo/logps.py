@@ -13,6 +13,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .packing import SegmentMask
+from .padding_free import row_index, rows_body
 from .prompt_once import prompt_once_body
 from .schemas.sequence import rejected_id_lists, truncate_sequence
 from .shapes import SCORE_MULTIPLE, ladder_ceil
@@ -213,7 +214,7 @@ def sequence_logps(
     model, input_ids: mx.array, completion_mask: mx.array, shared_lengths: mx.array | None = None,
     plan: mx.array | None = None, *, budget: int = LOGITS_CHUNK_BYTES,
     segments: mx.array | None = None, sequences: int | None = None,
-    prompt: tuple[mx.array, mx.array] | None = None,
+    prompt: tuple[mx.array, mx.array] | None = None, widths: tuple[int, ...] | None = None,
 ) -> tuple[mx.array, ...]:
     """Sum of log p(token | prefix) over completion tokens, per sequence.
 
@@ -227,22 +228,28 @@ def sequence_logps(
     of packed `sequences`; the results are then per sequence.
     The prompt once per pair (mlx_dpo.prompt_once): `prompt` = (prompt_ids, prompt_mask) (B, P) and
     input_ids, completion_mask the answer rows, all from collate_prompt_once.
+    Padding-free (mlx_dpo.padding_free): `widths`, padding_free.row_widths(completion_mask); the body
+    then runs each row alone at its own width.
     """
     head = lm_head(model)
     if head is None:
-        if segments is not None or prompt is not None:
-            raise ValueError(f"{type(model).__module__}: packed rows or shared prompts are not supported for this architecture")
+        if segments is not None or prompt is not None or widths is not None:
+            raise ValueError(f"{type(model).__module__}: packed rows, shared prompts or padding-free rows are not "
+                             "supported for this architecture")
         return plain_sequence_logps(model, input_ids, completion_mask, shared_lengths)
     index, sequence, weight, rank = mx.array(score_plan(np.asarray(completion_mask))) if plan is None else plan
     n = input_ids.shape[0] if sequences is None else sequences
-    if prompt is not None:
+    targets = input_ids[:, 1:].reshape(-1)[index]  # (M,)
+    if widths is not None:  # each row alone, at its own width
+        hidden = rows_body(model, input_ids[:, :-1], widths)[row_index(index, widths, input_ids.shape[1] - 1)]
+    elif prompt is not None:
         hidden = prompt_once_body(model, *prompt, input_ids[:, :-1])  # (N, T-1, D)
     elif segments is None:
         hidden = model.model(input_ids[:, :-1])  # (N, T-1, D)
     else:  # one stand-in cache per layer, all making the same block-diagonal mask
         hidden = model.model(input_ids[:, :-1], cache=[SegmentMask(segments[:, :-1])] * len(model.layers))
-    hidden = hidden.reshape(-1, hidden.shape[-1])[index]  # (M, D)
-    targets = input_ids[:, 1:].reshape(-1)[index]  # (M,)
+    if widths is None:
+        hidden = hidden.reshape(-1, hidden.shape[-1])[index]  # (M, D)
     vocab = model.args.vocab_size
     terms = _token_terms(head, hidden, targets, chunk_positions(vocab, budget)) * weight
     sums = mx.zeros((n,), mx.float32).at[sequence].add(terms)

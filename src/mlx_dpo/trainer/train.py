@@ -40,20 +40,23 @@ def make_loss_fn(loss_options: dict, ld_alpha: float | None = None):
     global chosen tokens) of the step. The loss is Σ w·pair_loss·scale[0] + token_weight·Σ w·NLL·scale[1];
     `metrics` is the step vector of METRIC_NAMES (see `named_metrics`), summable over micro-batches
     and ranks. `loss_fn.token_weight` is the summed weight of the per-token terms. `prompt`: (prompt_ids,
-    prompt_mask) of a batch laid out once per pair (Batch.prompt_ids), input_ids then its answer rows."""
+    prompt_mask) of a batch laid out once per pair (Batch.prompt_ids), input_ids then its answer rows. `widths`:
+    padding-free rows (mlx_dpo.padding_free; bench/padding_free.py measures them, train does not run them)."""
     options = dict(loss_options)
     beta, reference_free = options["beta"], options.get("reference_free", False)
     pair_types, pair_weights, token_weight = split_token_losses(options.pop("loss_type"), options.pop("loss_weights", None))
 
     def loss_fn(model, input_ids, completion_mask, plan, ref_chosen_logps, ref_rejected_logps, weights, scale,
-                ref_chosen_tail_logps=None, ref_rejected_tail_logps=None, pair_values=False, prompt=None):
+                ref_chosen_tail_logps=None, ref_rejected_tail_logps=None, pair_values=False, prompt=None,
+                widths=None):
         pairs, several = ref_chosen_logps.shape[0], ref_rejected_logps.ndim == 2
         if ld_alpha is None:
-            plain, ntoks = sequence_logps(model, input_ids, completion_mask, plan=plan, prompt=prompt)  # ((1+K)B,)
+            plain, ntoks = sequence_logps(model, input_ids, completion_mask, plan=plan, prompt=prompt, widths=widths)  # ((1+K)B,)
             logps = plain
         else:  # LD-DPO (Liu et al. 2024): tokens past the shorter answer count with weight α
             shared = shared_lengths(completion_mask, pairs)
-            plain, ntoks, tail = sequence_logps(model, input_ids, completion_mask, shared, plan=plan, prompt=prompt)
+            plain, ntoks, tail = sequence_logps(model, input_ids, completion_mask, shared, plan=plan, prompt=prompt,
+                                                widths=widths)
             logps = plain - (1 - ld_alpha) * tail
             ref_chosen_logps = ref_chosen_logps - (1 - ld_alpha) * ref_chosen_tail_logps
             ref_rejected_logps = ref_rejected_logps - (1 - ld_alpha) * ref_rejected_tail_logps
