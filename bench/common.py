@@ -99,6 +99,27 @@ def cpu_per_step(marks: list[float], warmup: int) -> float:
     return round(median([b - a for a, b in zip(marks, marks[1:])][warmup:]), 3)
 
 
+def lengths_shard(pairs: int, prompt_mean: int, response_mean: int, out: str) -> tuple[list[dict], Path]:
+    """A synthetic cache shard of `pairs` rows with the bench's length distribution (token ids all alike,
+    reference values -1), written to OUT/lengths.parquet: (its rows, its path). Seeded: the same every run."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(3)
+    rows = []
+    for i in range(pairs):
+        p = min(max(int(rng.gauss(prompt_mean, prompt_mean / 4)), prompt_mean // 2), 3 * prompt_mean // 2) + 1
+        c, r = (rng.randint(response_mean // 2, 3 * response_mean // 2) + 1 for _ in range(2))
+        rows.append(dict(index=i, prompt_ids=[5] * p, chosen_ids=[6] * c, rejected_ids=[7] * r,
+                         ref_chosen_logps=-1.0, ref_rejected_logps=-1.0))
+    shard = Path(out) / "lengths.parquet"
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), shard, row_group_size=1024)
+    return rows, shard
+
+
 def task_main(tasks: dict) -> None:
     """`python SCRIPT TASK '{json spec}'`: run tasks[TASK](**spec), print its result dict last."""
     name, spec = sys.argv[1], json.loads(sys.argv[2])

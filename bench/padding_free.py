@@ -14,7 +14,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from common import load1, task_main
+from common import lengths_shard, load1, task_main
 
 import mlx_dpo  # noqa: F401  first: loads OpenBLAS before mlx
 
@@ -131,29 +131,16 @@ ROW_LADDERS = [(1, 1.0), (8, 1.0), (16, 1.0), (16, 1.0625), (16, 1.125), (32, 1.
 
 
 def shape_counts(pairs: int, prompt_mean: int, response_mean: int, out: str, epochs: int = 1) -> dict:
-    """Over `epochs` of a synthetic cache of `pairs` pairs with the bench's lengths (bench/tasks.py
-    padding's rows), batch 4 as train streams it: the body's padding (positions run but not needed, of
+    """Over `epochs` of a synthetic cache of `pairs` pairs with the bench's lengths (common.lengths_shard),
+    batch 4 as train streams it: the body's padding (positions run but not needed, of
     those run) and the distinct compiled-step signatures (scored positions and the tuple of row widths;
     also the widths as a multiset: rows sorted by width) of the padded step and of each ROW_LADDERS."""
-    import random
-
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from mlx_dpo.padding_free import row_widths
     from mlx_dpo.trainer.stream import PairStream
 
-    rng = random.Random(3)  # as bench/tasks.py padding
-    rows = []
-    for i in range(pairs):
-        p = min(max(int(rng.gauss(prompt_mean, prompt_mean / 4)), prompt_mean // 2), 3 * prompt_mean // 2) + 1
-        c, r = (rng.randint(response_mean // 2, 3 * response_mean // 2) + 1 for _ in range(2))
-        rows.append(dict(index=i, prompt_ids=[5] * p, chosen_ids=[6] * c, rejected_ids=[7] * r,
-                         ref_chosen_logps=-1.0, ref_rejected_logps=-1.0))
-    shard = Path(out) / "lengths.parquet"
-    shard.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), shard, row_group_size=1024)
+    _, shard = lengths_shard(pairs, prompt_mean, response_mean, out)  # bench/tasks.py padding's rows
     stream = PairStream([shard], batch_size=4, max_length=None, truncation_mode="keep_start", pad_id=0, shuffle=True,
                         seed=0, fixed_rows=True)
     batches = [b for epoch in range(epochs) for [b] in stream.epoch(epoch)]

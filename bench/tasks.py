@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import cpu_per_step, mlx_peak_bytes, rate_stats, step_stats, task_main
+from common import cpu_per_step, lengths_shard, mlx_peak_bytes, rate_stats, step_stats, task_main
 
 import mlx_dpo  # first: loads OpenBLAS before mlx (unless MLX_DPO_OPENBLAS=0)
 from mlx_dpo.process import keep_torch_out_of_transformers
@@ -168,24 +168,11 @@ def train(model: str, cache: str, fine_tune: str, online: bool, warmup: int, mea
 def padding(cache_rows: int, prompt_mean: int, response_mean: int, out: str) -> dict:
     """Padded / total tokens of PairStream's batches over a synthetic cache of `cache_rows` pairs with the
     bench's length distribution, next to the batching of mlx-lm-lora and TRL on the same lengths."""
-    import random
-
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from mlx_dpo.trainer.stream import PairStream
 
-    rng = random.Random(3)
-    rows = []
-    for i in range(cache_rows):
-        p = min(max(int(rng.gauss(prompt_mean, prompt_mean / 4)), prompt_mean // 2), 3 * prompt_mean // 2) + 1
-        c, r = (rng.randint(response_mean // 2, 3 * response_mean // 2) + 1 for _ in range(2))
-        rows.append(dict(index=i, prompt_ids=[5] * p, chosen_ids=[6] * c, rejected_ids=[7] * r,
-                         ref_chosen_logps=-1.0, ref_rejected_logps=-1.0))
-    shard = Path(out) / "lengths.parquet"
-    shard.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), shard, row_group_size=1024)
+    rows, shard = lengths_shard(cache_rows, prompt_mean, response_mean, out)
 
     def waste(batches) -> float:
         padded = real = 0

@@ -128,7 +128,7 @@ def train_variants(model: str, cache: str, fine_tune: str, reps: int) -> dict:
 
     def plain_loss(model_, ids, mask, plan, *rest):
         saved = trainer.sequence_logps
-        trainer.sequence_logps = lambda m, i, k, plan=None, prompt=None: plain_sequence_logps(m, i, k)
+        trainer.sequence_logps = lambda m, i, k, plan=None, prompt=None, widths=None: plain_sequence_logps(m, i, k)
         try:
             return loss_fn(model_, ids, mask, plan, *rest)
         finally:
@@ -136,7 +136,7 @@ def train_variants(model: str, cache: str, fine_tune: str, reps: int) -> dict:
 
     def packed_loss(model_, ids, mask, plan, segments, *rest):
         saved = trainer.sequence_logps
-        trainer.sequence_logps = lambda m, i, k, plan=None, prompt=None: sequence_logps(m, i, k, plan=plan, segments=segments, sequences=n)
+        trainer.sequence_logps = lambda m, i, k, plan=None, prompt=None, widths=None: sequence_logps(m, i, k, plan=plan, segments=segments, sequences=n)
         try:
             return loss_fn(model_, ids, mask, plan, *rest)
         finally:
