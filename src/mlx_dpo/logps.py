@@ -229,8 +229,10 @@ def sequence_logps(
     The prompt once per pair (mlx_dpo.prompt_once): `prompt` = (prompt_ids, prompt_mask) (B, P) and
     input_ids, completion_mask the answer rows, all from collate_prompt_once.
     Padding-free (mlx_dpo.padding_free): `widths`, padding_free.row_widths(completion_mask); the body
-    then runs each row alone at its own width.
+    then runs each row alone at its own width (plain rows only: with segments= or prompt= a ValueError).
     """
+    if widths is not None and (segments is not None or prompt is not None):
+        raise ValueError("padding-free rows (widths=) run plain rows: not packed rows (segments=) or shared prompts (prompt=)")
     head = lm_head(model)
     if head is None:
         if segments is not None or prompt is not None or widths is not None:

@@ -110,3 +110,17 @@ def test_refused_for_an_architecture_not_checked():
     with pytest.raises(ValueError, match="padding-free"):
         sequence_logps(model, ids, mask, widths=row_widths(np.array(mask)))
 
+
+
+def test_packed_rows_are_refused():
+    """Plain rows only: review break7 found widths= taking precedence over segments= without a word,
+    the packed row then run under plain causal attention (one sequence attending to the one before it),
+    1.42 nats off the padded values."""
+    from test_packing import packed, pairs
+
+    model = tiny(llama, False)
+    p = packed(pairs(), width=32)
+    widths = row_widths(np.array(p["completion_mask"]))
+    with pytest.raises(ValueError, match="plain rows"):
+        sequence_logps(model, mx.array(p["input_ids"]), mx.array(p["completion_mask"]), plan=mx.array(p["plan"]),
+                       segments=mx.array(p["segments"]), sequences=8, widths=widths)

@@ -21,7 +21,7 @@ def json_text_copies(files: list[Path], root: Path, columns: set[str], folder: P
     copies = []
     for file in files:
         relative = Path(file.name) if file == root else file.relative_to(root)
-        copy = folder / "rows" / relative.with_suffix(".jsonl")
+        copy = folder / "rows" / relative.with_name(relative.name + ".jsonl")  # train.json and train.jsonl apart
         if not copy.exists():
             copy.parent.mkdir(parents=True, exist_ok=True)
             partial = copy.with_name(f".{copy.name}.{os.getpid()}.partial")

@@ -54,7 +54,8 @@ def _load_local(path: Path, check):
         files = {split: [Path(f) for f in names] for split, names in found.config.data_files.items()}
         if builder not in ("json", "csv"):  # Parquet and others: typed by their writer
             return datasets.load_dataset(str(path), cache_dir=cache_dir)
-    options = {"sep": sep, **_csv_as_text(next(iter(files.values())), sep)} if builder == "csv" else {}  # also .tsv
+    every_file = [f for names in files.values() for f in names]
+    options = {"sep": sep, **_csv_as_text(every_file, sep)} if builder == "csv" else {}  # also .tsv
     objects = check.object_columns if builder == "json" else set()
     if objects:
         files = {split: json_text_copies(names, path, objects, Path(cache_dir)) for split, names in files.items()}
@@ -66,15 +67,18 @@ def _load_local(path: Path, check):
 
 def _csv_as_text(files: list[Path], sep: str = ",") -> dict:
     """load_dataset options that read CSV cells as written: pandas would type each 10,000-row chunk
-    on its own (" 0.50" comes back as "0.5") and read "NA", "null", "nan" as missing. Every column
-    of the first file's header is text; only an empty cell is missing (null), as before."""
-    import csv
-
+    on its own (" 0.50" comes back as "0.5") and read "NA", "null", "nan" as missing. Every column is
+    text, named as pandas names it when datasets reads the file (a byte-order mark stripped, blank lines
+    before the header skipped, an empty name "Unnamed: 0"); only an empty cell is missing (null), as
+    before. Raises ValueError if the files' columns differ: one schema for all would drop a column
+    only some files have (the loader's error then names two files that differ)."""
     import datasets
+    import pandas
 
-    with open(files[0], newline="", encoding="utf-8") as handle:
-        header = next(csv.reader(handle, delimiter=sep), [])
-    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+    headers = [list(pandas.read_csv(file, sep=sep, nrows=0).columns) for file in files]
+    if any(set(header) != set(headers[0]) for header in headers):
+        raise ValueError("the CSV files have different columns")
+    return {"features": datasets.Features({name: datasets.Value("string") for name in headers[0]}),
             "keep_default_na": False, "na_values": [""]}
 
 
